@@ -1,0 +1,338 @@
+"""Typed, validated experiment configuration: TOML files plus dotted overrides.
+
+A config is a tree of frozen dataclasses. Plug-ins (dataset, partitioner, models,
+strategy) are :class:`Spec` values: a registered name or import path plus the
+plug-in's own parameters, written either as a string (``"mlp"``) or as a table
+(``{name = "cnn1d", channels = 64}``). Every error names the offending field by
+its dotted path, and is raised before any simulation starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import tomllib
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; ``field`` is its dotted path."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        self.field = field_path
+        self.reason = message
+        super().__init__(f"{field_path}: {message}" if field_path else message)
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with ``prefix`` put in front of the field path."""
+        if not prefix:
+            return self
+        return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.reason)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A plug-in reference: registered name or ``"pkg.mod:Name"``, plus its parameters."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: Any, path: str = "") -> Spec:
+        if isinstance(value, Spec):
+            return value
+        if isinstance(value, str):
+            return cls(value, {})
+        if isinstance(value, Mapping):
+            if "name" not in value or not isinstance(value["name"], str):
+                raise ConfigError(path, "a plug-in table needs a string 'name' key")
+            params = {k: v for k, v in value.items() if k != "name"}
+            return cls(value["name"], params)
+        raise ConfigError(path, f"expected a name or a table with 'name', got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params}
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.name
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.name}({inner})"
+
+
+def _positive(path: str, value: float, *, strict: bool = True) -> None:
+    if (value <= 0) if strict else (value < 0):
+        raise ConfigError(path, f"must be {'>' if strict else '>='} 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how many samples go to each disjoint split."""
+
+    dataset: Spec = field(default_factory=lambda: Spec("mnist1d"))
+    private: int = 3000  # private training samples, partitioned over the clients
+    public: int = 1000  # public proxy set: inputs shared by identity, never shipped
+    test: int = 1000  # held-out global test set: every model is evaluated on it
+
+    def __post_init__(self) -> None:
+        _positive("private", self.private)
+        _positive("public", self.public, strict=False)
+        _positive("test", self.test)
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    """The simulated clients: how many, their students, and how they train."""
+
+    count: int = 10
+    models: list[Spec] = field(default_factory=lambda: [Spec("mlp"), Spec("cnn1d")])
+    # Explicit model per client id range ("0-4" or "7"); others go round-robin over `models`.
+    model_groups: dict[str, Spec] = field(default_factory=dict)
+    # Client strategy per client id range; others run the strategy's own client side.
+    strategies: dict[str, Spec] = field(default_factory=dict)
+    fraction: float = 1.0  # fraction of clients sampled each round
+    batch_size: int = 32
+    local_epochs: int = 3
+    optimizer: str = "adam"
+    lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ConfigError("count", f"must be >= 1, got {self.count}")
+        if not self.models:
+            raise ConfigError("models", "must name at least one model")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError("fraction", f"must be in (0, 1], got {self.fraction}")
+        _positive("batch_size", self.batch_size)
+        _positive("local_epochs", self.local_epochs, strict=False)
+        _positive("lr", self.lr)
+        for key in (*self.model_groups, *self.strategies):
+            parse_id_range(key, self.count, "model_groups/strategies")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The server's global teacher and how it is distilled on the public set."""
+
+    teacher: Spec = field(default_factory=lambda: Spec("cnn1d", {"channels": 64}))
+    epochs: int = 2  # teacher distillation epochs on the public set per round
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    public_subset: int = 0  # public samples used per round; 0 = all of them
+
+    def __post_init__(self) -> None:
+        _positive("epochs", self.epochs, strict=False)
+        _positive("batch_size", self.batch_size)
+        _positive("lr", self.lr)
+        _positive("public_subset", self.public_subset, strict=False)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """How Flower's simulation engine runs the clients."""
+
+    backend: str = "ray"
+    num_cpus: float = 1.0  # Ray CPUs reserved per client
+    num_gpus: float | None = None  # Ray GPUs per client; None = 0.2 if CUDA is present, else 0
+    threads: int = 1  # torch threads per client (one is fastest for small models)
+    ray_init_args: dict[str, Any] = field(default_factory=dict)
+    round_timeout: float = 600.0  # seconds to wait for replies before a round goes on
+    verbose: bool = False  # show Flower's and Ray's own logs
+
+    def __post_init__(self) -> None:
+        if self.backend != "ray":
+            raise ConfigError("backend", f"only 'ray' is supported, got {self.backend!r}")
+        _positive("num_cpus", self.num_cpus)
+        if self.num_gpus is not None:
+            _positive("num_gpus", self.num_gpus, strict=False)
+        _positive("threads", self.threads)
+        _positive("round_timeout", self.round_timeout)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One experiment. The defaults are the quick-start experiment."""
+
+    name: str = "quickstart"
+    seed: int = 0
+    rounds: int = 10
+    output_dir: str = "runs"
+    device: str = "auto"  # auto | cpu | cuda
+    baseline: bool = True  # also train every student on its private data alone
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: Spec = field(default_factory=lambda: Spec("dirichlet", {"alpha": 0.5}))
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    strategy: Spec = field(default_factory=lambda: Spec("kd"))
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ConfigError("rounds", f"must be >= 0, got {self.rounds}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("device", f"must be one of auto, cpu, cuda; got {self.device!r}")
+        if self.clients.count > self.data.private:
+            raise ConfigError(
+                "clients.count",
+                f"{self.clients.count} clients but only {self.data.private} private samples",
+            )
+        if self.server.public_subset > self.data.public:
+            raise ConfigError(
+                "server.public_subset",
+                f"{self.server.public_subset} exceeds the public set ({self.data.public})",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (TOML-writable) that :func:`from_dict` turns back into this config."""
+        return _to_plain(self)
+
+
+def parse_id_range(key: str, count: int, path: str) -> range:
+    """``"3"`` or ``"0-4"`` (inclusive) -> client ids, checked against ``count``."""
+    lo, _, hi = key.partition("-")
+    try:
+        ids = range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise ConfigError(path, f"client range {key!r} must look like '3' or '0-4'") from None
+    if not ids or ids.start < 0 or ids.stop > count:
+        raise ConfigError(path, f"client range {key!r} is outside 0-{count - 1}")
+    return ids
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Spec):
+        return {k: _to_plain(v) for k, v in value.to_dict().items()}
+    if dataclasses.is_dataclass(value):
+        out = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if v is not None:  # TOML has no null: None fields fall back to their default
+                out[f.name] = _to_plain(v)
+        return out
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, path)
+    if hint is Spec:
+        return Spec.parse(value, path)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    if origin is list:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(path, f"expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f"expected a table, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(path, f"expected a number, got {value!r}")
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise ConfigError(path, f"expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, naming the field of any error."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, f"expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise ConfigError(sub, f"unknown field; valid fields: {', '.join(fields)}")
+        if hints[key] is Spec and isinstance(value, Mapping) and "name" not in value:
+            # `partition.alpha=0.1` tunes the default plug-in instead of replacing it
+            value = {**_default(fields[key]).to_dict(), **value}
+        kwargs[key] = _coerce(value, hints[key], sub)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.under(path) from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as TOML (``3``, ``0.5``, ``true``, ``["a","b"]``), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to plain config data (returns a new dict)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, "an override must look like 'field.path=value'")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if isinstance(child, str):  # a Spec written as a bare name becomes a table
+                child = {"name": child}
+            node[part] = child if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = _parse_value(text.strip())
+    return out
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any] | Config | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """Load a config from a TOML file, a dict, or the defaults, then apply overrides."""
+    if isinstance(source, Config):
+        data = source.to_dict()
+    elif source is None:
+        data = {}
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError("config", f"no such config file: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError("config", f"{path} is not valid TOML: {err}") from None
+    return from_dict(Config, apply_overrides(data, overrides))
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config as TOML (what was run, defaults included)."""
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(config.to_dict()))

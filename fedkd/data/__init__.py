@@ -1,0 +1,22 @@
+"""Datasets, partitioners and the federation's splits."""
+
+from fedkd.data.datasets import DATASETS, Pool
+from fedkd.data.federation import (
+    ClientData,
+    FederatedData,
+    build_federated_data,
+    load_federated_data,
+    prepare_federated_data,
+)
+from fedkd.data.partition import PARTITIONERS
+
+__all__ = [
+    "DATASETS",
+    "PARTITIONERS",
+    "ClientData",
+    "FederatedData",
+    "Pool",
+    "build_federated_data",
+    "load_federated_data",
+    "prepare_federated_data",
+]

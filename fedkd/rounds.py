@@ -1,0 +1,179 @@
+"""The server's round loop, independent of how messages reach the clients.
+
+:class:`Federation` runs the strategy hooks round by round over a
+:class:`Transport`: Flower's Grid (:mod:`fedkd.flower`) or direct in-process calls
+(:mod:`fedkd.inline`). It validates every payload on arrival, counts bytes in both
+directions, and hands one record per finished round to a callback (which writes it
+to disk at once, so finished rounds survive a crash or Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fedkd.client import FitReply, student_spec
+from fedkd.config import Config
+from fedkd.data import FederatedData
+from fedkd.models import build_model
+from fedkd.payloads import Logits, Payload, PayloadError
+from fedkd.seeding import derive_seed, torch_generator
+from fedkd.strategy import ServerNode, ServerStrategy, server_strategy
+from fedkd.training import evaluate, make_optimizer, to_tensor
+
+log = logging.getLogger("fedkd")
+
+
+@dataclass
+class Failure:
+    """A client that sent no usable reply this round, and why."""
+
+    cid: int
+    error: str
+
+
+class Transport(Protocol):
+    """Delivers a round's request to clients and collects their replies."""
+
+    def fit(
+        self, rnd: int, cids: list[int], targets: Payload | None, public_idx: np.ndarray
+    ) -> dict[int, FitReply | Failure]: ...
+
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def public_indices(config: Config, rnd: int) -> np.ndarray:
+    """Public samples used in round ``rnd``: all, or a seeded subset of ``server.public_subset``."""
+    n, k = config.data.public, config.server.public_subset
+    if k == 0 or k >= n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(derive_seed(config.seed, "public", rnd))
+    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+
+
+def sample_clients(config: Config, rnd: int) -> list[int]:
+    """Clients sampled in round ``rnd`` (``clients.fraction`` of them, seeded)."""
+    n = config.clients.count
+    k = max(1, round(config.clients.fraction * n))
+    if k >= n:
+        return list(range(n))
+    rng = np.random.default_rng(derive_seed(config.seed, "sample", rnd))
+    return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
+
+
+class Federation:
+    """Server state and round loop for one experiment."""
+
+    def __init__(self, config: Config, data: FederatedData, strategy: ServerStrategy | None = None):
+        self.config = config
+        self.data = data
+        self.strategy = strategy or server_strategy(config)
+        teacher = optimizer = None
+        if self.strategy.uses_teacher:
+            teacher = build_model(
+                config.server.teacher,
+                data.input_shape,
+                data.num_classes,
+                seed=derive_seed(config.seed, "teacher"),
+            )
+            optimizer = make_optimizer(config.server.optimizer, teacher, config.server.lr)
+        self.server = ServerNode(
+            round=0,
+            teacher=teacher,
+            optimizer=optimizer,
+            public_x=to_tensor(data.public_x),
+            test_x=to_tensor(data.test_x),
+            test_y=to_tensor(data.test_y),
+            num_classes=data.num_classes,
+            settings=config.server,
+            generator=torch_generator(config.seed, "server", 0),
+        )
+        self.latest: dict[int, dict[str, float]] = {}  # each client's last reported metrics
+
+    def _check(self, reply: FitReply, public_idx: np.ndarray) -> str | None:
+        payload = reply.payload
+        if payload is None:
+            return None
+        try:
+            payload.validate(num_classes=self.data.num_classes)
+            if isinstance(payload, Logits) and not np.array_equal(payload.idx, public_idx):
+                raise PayloadError("logits cover other public indices than requested")
+        except PayloadError as err:
+            return f"invalid {payload.kind} payload: {err}"
+        return None
+
+    def run(self, transport: Transport, on_round: RoundCallback | None = None) -> list[dict]:
+        """Run all rounds; returns the per-round records (also passed to ``on_round``)."""
+        cfg, strategy, server = self.config, self.strategy, self.server
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.simulation.threads)
+        try:
+            strategy.setup(server)
+            records = []
+            targets: Payload | None = None
+            idx = public_indices(cfg, 1)
+            for rnd in range(1, cfg.rounds + 1):
+                start = time.perf_counter()
+                server.round = rnd
+                server.generator = torch_generator(cfg.seed, "server", rnd)
+                torch.manual_seed(derive_seed(cfg.seed, "server-global", rnd))
+                cids = sample_clients(cfg, rnd)
+                down = (targets.nbytes if targets is not None else 0) + idx.nbytes
+                replies = transport.fit(rnd, cids, targets, idx)
+                clients: dict[str, dict[str, Any]] = {}
+                failures, payloads = [], {}
+                for cid in cids:
+                    reply = replies.get(cid, Failure(cid, "no reply"))
+                    problem = reply.error if isinstance(reply, Failure) else self._check(reply, idx)
+                    if problem is not None:
+                        log.warning("round %d: client %d failed: %s", rnd, cid, problem)
+                        failures.append({"client": cid, "error": problem})
+                        continue
+                    up = reply.payload.nbytes if reply.payload is not None else 0
+                    if reply.payload is not None:
+                        payloads[cid] = reply.payload
+                    self.latest[cid] = reply.metrics
+                    server.num_examples[cid] = int(reply.metrics["num_examples"])
+                    clients[str(cid)] = {
+                        "model": str(student_spec(cfg, cid)),
+                        **reply.metrics,
+                        "bytes_up": up,
+                        "bytes_down": down,
+                    }
+                aggregate = strategy.aggregate(server, payloads) if payloads else None
+                teacher: dict[str, float] | None = None
+                if server.teacher is not None:
+                    teacher = dict(strategy.distill(server, aggregate)) if aggregate else {}
+                    teacher.update(evaluate(server.teacher, server.test_x, server.test_y))
+                next_idx = public_indices(cfg, rnd + 1)
+                targets = strategy.targets(server, aggregate, next_idx)
+                accs = [c["accuracy"] for c in clients.values()]
+                record = {
+                    "round": rnd,
+                    "seconds": time.perf_counter() - start,
+                    "teacher": teacher,
+                    "students": {
+                        "mean": float(np.mean(accs)) if accs else None,
+                        "min": float(np.min(accs)) if accs else None,
+                        "max": float(np.max(accs)) if accs else None,
+                        "count": len(accs),
+                    },
+                    "bytes_up": int(sum(c["bytes_up"] for c in clients.values())),
+                    "bytes_down": int(down * len(cids)),
+                    "clients": clients,
+                    "failures": failures,
+                }
+                idx = next_idx
+                records.append(record)
+                if on_round is not None:
+                    on_round(record)
+            return records
+        finally:
+            torch.set_num_threads(threads)

@@ -1,0 +1,20 @@
+"""Conversion between typed payloads and Flower records (the only place that knows both)."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from fedkd.payloads import PAYLOADS, Payload
+
+
+def payload_to_record(payload: Payload) -> ArrayRecord:
+    return ArrayRecord(
+        {name: Array(np.ascontiguousarray(a)) for name, a in payload.arrays().items()}
+    )
+
+
+def record_to_payload(kind: str, record: ArrayRecord) -> Payload:
+    """Rebuild a payload of registered ``kind`` (validation is the receiver's job)."""
+    cls = PAYLOADS.get(kind)
+    return cls.from_arrays({name: arr.numpy() for name, arr in record.items()})

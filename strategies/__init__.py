@@ -1,0 +1,7 @@
+"""Built-in federated distillation algorithms, one module each.
+
+Every module here uses only fedkd's public plug-in API (:mod:`fedkd.strategy`),
+exactly as a user's own strategy would. Importing this package registers them.
+"""
+
+from strategies import kd, local  # noqa: F401  (import registers the strategies)

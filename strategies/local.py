@@ -1,0 +1,38 @@
+"""Local-only training: no federation. The baseline every KD method must beat."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedkd.payloads import Payload
+from fedkd.strategy import (
+    CLIENT_STRATEGIES,
+    SERVER_STRATEGIES,
+    ClientNode,
+    ClientStrategy,
+    Metrics,
+    ServerNode,
+    ServerStrategy,
+)
+
+
+@CLIENT_STRATEGIES.register("local")
+class LocalClient(ClientStrategy):
+    """Trains on private data only and sends nothing."""
+
+    def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
+        return node.train_private()
+
+    def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload | None:
+        return None
+
+
+@SERVER_STRATEGIES.register("local")
+class LocalServer(ServerStrategy):
+    """Receives nothing, holds no teacher."""
+
+    client_strategy = LocalClient
+    uses_teacher = False
+
+    def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload | None:
+        return None
