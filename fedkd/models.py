@@ -33,7 +33,7 @@ def mlp(
     """Fully connected ReLU network (MNIST-1D paper: 2 hidden layers of 100)."""
     dims = [math.prod(input_shape)] + [hidden] * layers
     blocks: list[nn.Module] = [nn.Flatten()]
-    for d_in, d_out in zip(dims, dims[1:]):
+    for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
         blocks += [nn.Linear(d_in, d_out), nn.ReLU()]
     blocks.append(nn.Linear(dims[-1], num_classes))
     return nn.Sequential(*blocks)

@@ -70,9 +70,8 @@ def progress_line(record: dict[str, Any], rounds: int) -> str:
     if t is not None:
         parts.append(f"teacher {_pct(t['accuracy'])}")
     if s["count"]:
-        parts.append(
-            f"students {_pct(s['mean'])} (min {_pct(s['min']).strip()}, max {_pct(s['max']).strip()})"
-        )
+        lo, hi = _pct(s["min"]).strip(), _pct(s["max"]).strip()
+        parts.append(f"students {_pct(s['mean'])} (min {lo}, max {hi})")
     parts.append(f"up {_bytes(record['bytes_up'])} down {_bytes(record['bytes_down'])}")
     parts.append(f"{record['seconds']:.2f} s")
     if record["failures"]:
@@ -107,11 +106,13 @@ def summary_table(summary: dict[str, Any]) -> str:
     )
     lines.append(header)
     for a in summary["architectures"]:
+        share = a.get("pct_of_teacher")
+        share_text = "-" if share is None else f"{share:.1f}%"
         lines.append(
             f"{a['model']:24}{a['role']:9}{len(a['clients']) or '-':>8}{a['params']:>9}"
             f"{_bytes(a['bytes']):>10}{a['latency_ms']:>11.3f}{_pct(a['accuracy']):>10}"
             f"{_pct(a.get('local_only_accuracy')):>8}"
-            f"{'-' if a.get('pct_of_teacher') is None else format(a['pct_of_teacher'], '.1f') + '%':>11}"
+            f"{share_text:>11}"
         )
     c, t = summary["communication"], summary["timing"]
     lines += [
@@ -146,7 +147,7 @@ def plot_accuracy(
         )
     teacher = [(r["round"], r["teacher"]["accuracy"]) for r in rounds if r["teacher"]]
     if teacher:
-        ax.plot(*zip(*[(a, 100 * b) for a, b in teacher]), "s-", label="teacher")
+        ax.plot([a for a, _ in teacher], [100 * b for _, b in teacher], "s-", label="teacher")
     bx = [r["round"] for r in baseline if r["students"]["count"]]
     if bx:
         by = [100 * r["students"]["mean"] for r in baseline if r["students"]["count"]]

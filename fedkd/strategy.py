@@ -20,7 +20,8 @@ Example:
     >>> class MyClient(ClientStrategy):
     ...     Params = MyParams
     ...     def train(self, node, targets):
-    ...         return node.train_private(kd=targets, kd_weight=0.5, temperature=self.params.temperature)
+    ...         t = self.params.temperature
+    ...         return node.train_private(kd=targets, kd_weight=0.5, temperature=t)
     ...     def predict(self, node, public_idx):
     ...         return Logits(public_idx, node.public_logits(public_idx))
 """

@@ -136,7 +136,8 @@ def build_federated_data(config: Config) -> FederatedData:
     if len(pool.y) < total:
         raise ConfigError(
             "data",
-            f"private+public+test = {total} but dataset {d.dataset.name!r} has {len(pool.y)} samples",
+            f"private+public+test = {total} but dataset {d.dataset.name!r} "
+            f"has {len(pool.y)} samples",
         )
     order = np.random.default_rng(derive_seed(config.seed, "split")).permutation(len(pool.y))
     priv, pub, test = np.split(order[:total], [d.private, d.private + d.public])

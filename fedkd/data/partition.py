@@ -105,7 +105,8 @@ def shard(
     if shards_per_client < 1 or shards_per_client * num_clients > len(labels):
         raise ConfigError(
             "partition.shards_per_client",
-            f"{shards_per_client} shards x {num_clients} clients does not fit {len(labels)} samples",
+            f"{shards_per_client} shards x {num_clients} clients "
+            f"does not fit {len(labels)} samples",
         )
     part = ShardPartitioner(
         num_partitions=num_clients,
