@@ -230,6 +230,7 @@ def run(
         box = run_flower(cfg, data, str(data_path), on_round)
         if "rounds_started" in box:
             timing["startup_s"] = box["rounds_started"] - t0
+            timing["rounds_started_at"] = box["rounds_started"]
         if cfg.baseline and cfg.strategy.name != "local":
             _say(quiet, "local-only baseline (same students, same budget, no federation)...")
             b0 = time.time()
