@@ -111,8 +111,9 @@ class ClientsConfig:
         _positive("batch_size", self.batch_size)
         _positive("local_epochs", self.local_epochs, strict=False)
         _positive("lr", self.lr)
-        for key in (*self.model_groups, *self.strategies):
-            parse_id_range(key, self.count, "model_groups/strategies")
+        for section in ("model_groups", "strategies"):
+            for key in getattr(self, section):
+                parse_id_range(key, self.count, f"{section}.{key}")
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,11 @@ class Config:
     partition: Spec = field(default_factory=lambda: Spec("dirichlet", {"alpha": 0.5}))
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
-    strategy: Spec = field(default_factory=lambda: Spec("kd"))
+    strategy: Spec = field(
+        default_factory=lambda: Spec(
+            "kd", {"temperature": 3.0, "kd_weight": 0.5, "targets": "teacher", "weighted": False}
+        )
+    )
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:

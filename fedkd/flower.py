@@ -184,9 +184,17 @@ def backend_config(config: Config) -> dict[str, Any]:
 
 
 def run_flower(
-    config: Config, data: FederatedData, data_path: str, on_round: RoundCallback | None = None
+    config: Config,
+    data: FederatedData,
+    data_path: str,
+    on_round: RoundCallback | None = None,
+    box: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the federation under Flower's simulation engine with the Ray backend."""
+    """Run the federation under Flower's simulation engine with the Ray backend.
+
+    ``box`` (returned, and filled as the run goes, so it is readable after an
+    interruption) receives the federation, ``rounds_started`` and ``records``.
+    """
     import os
     import warnings
 
@@ -195,7 +203,7 @@ def run_flower(
     if not config.simulation.verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    box: dict[str, Any] = {}
+    box = {} if box is None else box
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")

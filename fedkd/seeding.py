@@ -13,7 +13,7 @@ import numpy as np
 
 def derive_seed(seed: int, purpose: str, *keys: int) -> int:
     """A 32-bit seed (fits every library's seeding) that is a pure function of its arguments."""
-    entropy = [seed, zlib.crc32(purpose.encode()), *keys]
+    entropy = [seed, zlib.crc32(purpose.encode()), len(keys), *keys]  # length: (1,) != (1, 0)
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 

@@ -226,11 +226,9 @@ def run(
         _say(quiet, progress_line(record, cfg.rounds))
 
     status = "completed"
+    box: dict[str, Any] = {}
     try:
-        box = run_flower(cfg, data, str(data_path), on_round)
-        if "rounds_started" in box:
-            timing["startup_s"] = box["rounds_started"] - t0
-            timing["rounds_started_at"] = box["rounds_started"]
+        run_flower(cfg, data, str(data_path), on_round, box)
         if cfg.baseline and cfg.strategy.name != "local":
             _say(quiet, "local-only baseline (same students, same budget, no federation)...")
             b0 = time.time()
@@ -247,6 +245,9 @@ def run(
         status = f"failed: {type(err).__name__}: {err}"
         raise
     finally:
+        if "rounds_started" in box:
+            timing["startup_s"] = box["rounds_started"] - t0
+            timing["rounds_started_at"] = box["rounds_started"]
         timing["rounds_s"] = sum(r["seconds"] for r in records)
         if records:
             timing["median_round_s"] = statistics.median(r["seconds"] for r in records)

@@ -56,7 +56,8 @@ def mnist1d(num_samples: int, seed: int, **overrides: Any) -> Pool:
         raise ConfigError(
             f"data.dataset.{sorted(unknown)[0]}", f"unknown; valid: {', '.join(args)}"
         )
-    args.update(overrides, num_samples=num_samples, seed=seed, train_split=1.0)
+    # The generator makes a multiple of 10 samples (one template per class): round up, trim.
+    args.update(overrides, num_samples=-(-num_samples // 10) * 10, seed=seed, train_split=1.0)
     # make_dataset reseeds NumPy's and Python's global generators: keep the caller's.
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
@@ -64,8 +65,8 @@ def mnist1d(num_samples: int, seed: int, **overrides: Any) -> Pool:
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    x = np.concatenate([data["x"], data["x_test"]]).astype(np.float32)
-    y = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
+    x = np.concatenate([data["x"], data["x_test"]]).astype(np.float32)[:num_samples]
+    y = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)[:num_samples]
     return Pool(x, y, 10)
 
 

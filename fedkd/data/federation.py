@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from fedkd.data.datasets import DATASETS
 from fedkd.data.partition import PARTITIONERS
 from fedkd.registry import bind_params
 from fedkd.seeding import derive_seed
+
+log = logging.getLogger("fedkd")
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,15 @@ def build_federated_data(config: Config) -> FederatedData:
     for cid, rows in enumerate(parts):
         if len(rows) == 0:
             raise ConfigError("partition", f"client {cid} received no private samples")
+    assigned = sum(len(rows) for rows in parts)
+    if assigned < d.private:
+        log.warning(
+            "partition %s assigned %d of %d private samples; the other %d belong to no client",
+            config.partition,
+            assigned,
+            d.private,
+            d.private - assigned,
+        )
     return FederatedData(
         pool.x[priv],
         pool.y[priv],

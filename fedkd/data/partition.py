@@ -76,9 +76,19 @@ def dirichlet(
 
 @PARTITIONERS.register("pathological")
 def pathological(
-    labels: np.ndarray, num_clients: int, seed: int, classes_per_client: int = 2
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int,
+    classes_per_client: int = 2,
+    assignment: str = "first-deterministic",
 ) -> list[np.ndarray]:
-    """Each client holds samples of exactly ``classes_per_client`` classes."""
+    """Each client holds samples of exactly ``classes_per_client`` classes.
+
+    ``assignment`` is flwr-datasets' ``class_assignment_mode``: ``first-deterministic``
+    (the FedAvg paper's; client i's first class is i mod C), ``random`` or
+    ``deterministic``. Samples of a class that no client drew belong to no client
+    (fedkd logs how many).
+    """
     from flwr_datasets.partitioner import PathologicalPartitioner
 
     num_classes = len(np.unique(labels))
@@ -90,6 +100,7 @@ def pathological(
         num_partitions=num_clients,
         partition_by="label",
         num_classes_per_partition=classes_per_client,
+        class_assignment_mode=assignment,
         seed=seed,
     )
     return _split(part, labels)
@@ -99,7 +110,10 @@ def pathological(
 def shard(
     labels: np.ndarray, num_clients: int, seed: int, shards_per_client: int = 2
 ) -> list[np.ndarray]:
-    """FedAvg-paper shards: sort by label, cut equal shards, deal ``shards_per_client`` each."""
+    """FedAvg-paper shards: sort by label, cut equal shards, deal ``shards_per_client`` each.
+
+    Rows left over after cutting equal shards belong to no client (fedkd logs how many).
+    """
     from flwr_datasets.partitioner import ShardPartitioner
 
     if shards_per_client < 1 or shards_per_client * num_clients > len(labels):
