@@ -57,3 +57,8 @@ def test_fedkd_run_with_overrides_prints_progress_and_summary(tmp_path):
     (run_dir,) = tmp_path.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["status"] == "completed"
+
+
+def test_bench_help_lists_its_options():
+    proc = _fedkd("bench", "--help")
+    assert proc.returncode == 0 and "--repeats" in proc.stdout
