@@ -150,7 +150,9 @@ class Federation:
                 aggregate = strategy.aggregate(server, payloads) if payloads else None
                 teacher: dict[str, float] | None = None
                 if server.teacher is not None:
-                    teacher = dict(strategy.distill(server, aggregate)) if aggregate else {}
+                    teacher = {}
+                    if aggregate is not None:
+                        teacher.update(strategy.distill(server, aggregate))
                     teacher.update(evaluate(server.teacher, server.test_x, server.test_y))
                 next_idx = public_indices(cfg, rnd + 1)
                 targets = strategy.targets(server, aggregate, next_idx)

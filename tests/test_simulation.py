@@ -12,6 +12,7 @@ from fedkd.data import prepare_federated_data
 from fedkd.inline import InlineTransport
 from fedkd.results import read_jsonl
 from fedkd.rounds import Federation
+from tests.conftest import SMALL
 
 pytestmark = pytest.mark.simulation
 
@@ -26,19 +27,7 @@ def _round_accuracies(records):
 def two_worker_run(tmp_path_factory):
     """One real run on 2 Ray workers, with one exploding and one NaN-sending client."""
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(
-        None,
-        [
-            "data.private=1200",
-            "data.public=400",
-            "data.test=400",
-            "clients.count=4",
-            "rounds=3",
-            "server.teacher.channels=32",
-            f"output_dir={out}",
-            "simulation.ray_init_args={num_cpus=2}",
-        ],
-    )
+    cfg = load_config(None, [*SMALL, f"output_dir={out}", "simulation.ray_init_args={num_cpus=2}"])
     cfg = load_config(
         {**cfg.to_dict(), "clients": {**cfg.to_dict()["clients"], "strategies": FAULTS}}
     )
