@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -24,7 +24,7 @@ from fedkd.config import Config
 from fedkd.data import FederatedData
 from fedkd.payloads import Payload
 from fedkd.rounds import Failure, Federation, RoundCallback
-from fedkd.wire import payload_to_record, record_to_payload
+from fedkd.wire import arrays_to_record, payload_to_record, record_to_payload
 
 log = logging.getLogger("fedkd")
 STATE_KEY = "fedkd.client"
@@ -81,7 +81,7 @@ class FlowerTransport:
         self, rnd: int, cids: list[int], targets: Payload | None, public_idx: np.ndarray
     ) -> dict[int, FitReply | Failure]:
         config: dict[str, Any] = {"round": rnd}
-        content = RecordDict({"query": ArrayRecord({"public_idx": _array(public_idx)})})
+        content = RecordDict({"query": arrays_to_record({"public_idx": public_idx})})
         if targets is not None:
             content["targets"] = payload_to_record(targets)
             config["targets_kind"] = targets.kind
@@ -112,12 +112,6 @@ class FlowerTransport:
         for cid in cids:
             out.setdefault(cid, Failure(cid, f"no reply within {self.timeout:g} s"))
         return out
-
-
-def _array(a: np.ndarray) -> Any:
-    from flwr.app import Array
-
-    return Array(np.ascontiguousarray(a))
 
 
 def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:

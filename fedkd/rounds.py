@@ -95,7 +95,6 @@ class Federation:
             settings=config.server,
             generator=torch_generator(config.seed, "server", 0),
         )
-        self.latest: dict[int, dict[str, float]] = {}  # each client's last reported metrics
 
     def _check(self, reply: FitReply, public_idx: np.ndarray) -> str | None:
         payload = reply.payload
@@ -139,7 +138,6 @@ class Federation:
                     up = reply.payload.nbytes if reply.payload is not None else 0
                     if reply.payload is not None:
                         payloads[cid] = reply.payload
-                    self.latest[cid] = reply.metrics
                     server.num_examples[cid] = int(reply.metrics["num_examples"])
                     clients[str(cid)] = {
                         "model": str(student_spec(cfg, cid)),

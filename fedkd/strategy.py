@@ -60,6 +60,16 @@ def make_params(cls: type, values: dict[str, Any], path: str) -> Any:
         raise ConfigError(path, str(err)) from None
 
 
+def public_kd_targets(
+    public_x: torch.Tensor, targets: Logits, temperature: float, loss: str = "soft_kl"
+) -> KDTargets:
+    """Logits on public indices -> (public inputs, targets, loss) on ``public_x``'s device."""
+    idx = torch.as_tensor(targets.idx, dtype=torch.long, device=public_x.device)
+    logits = torch.as_tensor(targets.values, dtype=torch.float32, device=public_x.device)
+    kwargs = {"temperature": temperature} if loss == "soft_kl" else {}
+    return KDTargets(public_x[idx], logits, KD_LOSSES.get(loss)(**kwargs))
+
+
 @dataclass
 class ClientNode:
     """One client as a strategy sees it: its student, data and persistent state.
@@ -89,10 +99,7 @@ class ClientNode:
 
     def kd_targets(self, targets: Logits, temperature: float, loss: str = "soft_kl") -> KDTargets:
         """Pair server targets with this client's copy of the public inputs."""
-        idx = torch.as_tensor(targets.idx, dtype=torch.long, device=self.device)
-        logits = torch.as_tensor(targets.values, dtype=torch.float32, device=self.device)
-        kwargs = {"temperature": temperature} if loss == "soft_kl" else {}
-        return KDTargets(self.public_x[idx], logits, KD_LOSSES.get(loss)(**kwargs))
+        return public_kd_targets(self.public_x, targets, temperature, loss)
 
     def train_private(
         self,
@@ -155,16 +162,10 @@ class ServerNode:
         """``settings.epochs`` of distillation of the teacher towards ``targets``."""
         if self.teacher is None or self.optimizer is None:
             raise RuntimeError("this strategy declared uses_teacher = False")
-        idx = torch.as_tensor(targets.idx, dtype=torch.long)
-        kd = KDTargets(
-            self.public_x[idx],
-            torch.as_tensor(targets.values, dtype=torch.float32),
-            KD_LOSSES.get("soft_kl")(temperature=temperature),
-        )
         return distill(
             self.teacher,
             self.optimizer,
-            kd,
+            public_kd_targets(self.public_x, targets, temperature),
             epochs=self.settings.epochs,
             batch_size=self.settings.batch_size,
             generator=self.generator,

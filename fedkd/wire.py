@@ -8,10 +8,12 @@ from flwr.app import Array, ArrayRecord
 from fedkd.payloads import PAYLOADS, Payload
 
 
+def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
 def payload_to_record(payload: Payload) -> ArrayRecord:
-    return ArrayRecord(
-        {name: Array(np.ascontiguousarray(a)) for name, a in payload.arrays().items()}
-    )
+    return arrays_to_record(payload.arrays())
 
 
 def record_to_payload(kind: str, record: ArrayRecord) -> Payload:
