@@ -85,7 +85,7 @@ class ClientRuntime:
         if not 0 <= cid < cfg.clients.count:
             raise ValueError(f"client id {cid} outside 0..{cfg.clients.count - 1}")
         if targets is not None:
-            targets.validate(num_classes=self.data.num_classes)
+            targets.validate(num_classes=self.data.num_classes)  # PayloadError names the fault
         torch.manual_seed(derive_seed(cfg.seed, "client-global", rnd, cid))
         data = self.data.client(cid)
         model = build_model(
@@ -110,6 +110,7 @@ class ClientRuntime:
             x=to_tensor(data.x, dev),
             y=to_tensor(data.y, dev),
             public_x=to_tensor(data.public_x, dev),
+            public_y=to_tensor(data.public_y, dev),
             test_x=to_tensor(data.test_x, dev),
             test_y=to_tensor(data.test_y, dev),
             num_classes=data.num_classes,
@@ -128,7 +129,11 @@ class ClientRuntime:
         metrics["seconds"] = time.perf_counter() - start
         buf = io.BytesIO()
         torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "extra": node.state},
+            {
+                "model": node.model.state_dict(),
+                "optimizer": node.optimizer.state_dict(),
+                "extra": node.state,
+            },
             buf,
         )
         return FitReply(cid, payload, metrics), buf.getvalue()

@@ -78,20 +78,29 @@ class FlowerTransport:
         self.timeout = timeout
 
     def fit(
-        self, rnd: int, cids: list[int], targets: Payload | None, public_idx: np.ndarray
+        self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
     ) -> dict[int, FitReply | Failure]:
-        config: dict[str, Any] = {"round": rnd}
-        content = RecordDict({"query": arrays_to_record({"public_idx": public_idx})})
-        if targets is not None:
-            content["targets"] = payload_to_record(targets)
-            config["targets_kind"] = targets.kind
-        content["config"] = ConfigRecord(config)
-        messages = [
-            Message(
-                content, dst_node_id=self.nodes[cid], message_type="query.fit", group_id=str(rnd)
+        query = arrays_to_record({"public_idx": public_idx})
+        records: dict[int, RecordDict] = {}  # one record per distinct targets object
+        messages = []
+        for cid, targets in requests.items():
+            if id(targets) not in records:
+                config: dict[str, Any] = {"round": rnd}
+                content = RecordDict({"query": query})
+                if targets is not None:
+                    content["targets"] = payload_to_record(targets)
+                    config["targets_kind"] = targets.kind
+                content["config"] = ConfigRecord(config)
+                records[id(targets)] = content
+            messages.append(
+                Message(
+                    records[id(targets)],
+                    dst_node_id=self.nodes[cid],
+                    message_type="query.fit",
+                    group_id=str(rnd),
+                )
             )
-            for cid in cids
-        ]
+        cids = list(requests)
         by_node = {node: cid for cid, node in self.nodes.items()}
         out: dict[int, FitReply | Failure] = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):

@@ -26,10 +26,10 @@ class InlineTransport:
         self.states: dict[int, bytes] = {}
 
     def fit(
-        self, rnd: int, cids: list[int], targets: Payload | None, public_idx: np.ndarray
+        self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
     ) -> dict[int, FitReply | Failure]:
         replies: dict[int, FitReply | Failure] = {}
-        for cid in cids:
+        for cid, targets in sorted(requests.items()):
             try:
                 reply, self.states[cid] = self.runtime.fit(
                     cid, rnd, self.states.get(cid), targets, public_idx

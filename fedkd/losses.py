@@ -44,3 +44,33 @@ class LogitMSE(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(student_logits, teacher_logits)
+
+
+@KD_LOSSES.register("prob_kl")
+class ProbKL(nn.Module):
+    """KL from target *probabilities* to the student: ``T^2 * KL(q || softmax(s/T))``.
+
+    For targets that arrive as soft labels (DS-FL, CFD, Cronus). Equal to the
+    cross-entropy with soft targets minus the targets' entropy (a constant), so
+    it has the same gradients as the soft cross-entropy those papers use.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        log_p_student = F.log_softmax(student_logits / t, dim=-1)
+        kl = F.kl_div(log_p_student, target_probs, reduction="batchmean")
+        return kl * t * t
+
+
+@KD_LOSSES.register("mae")
+class LogitMAE(nn.Module):
+    """Mean absolute error between raw logits (FedMD's digest step)."""
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return F.l1_loss(student_logits, teacher_logits)

@@ -44,13 +44,24 @@ class Payload(ABC):
         return int(sum(a.nbytes for a in self.arrays().values()))
 
     @abstractmethod
-    def validate(self, *, num_classes: int) -> None:
-        """Raise :class:`PayloadError` if the payload cannot be used."""
+    def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
+        """Raise :class:`PayloadError` if the payload cannot be used.
+
+        ``public_idx``: the public samples the receiver asked about, if it asked;
+        payloads that cover public samples must cover exactly these.
+        """
 
 
 PAYLOADS: Registry[type[Payload]] = Registry(
     "payload", check=lambda c: isinstance(c, type) and issubclass(c, Payload)
 )
+
+
+def _check_idx(idx: np.ndarray, public_idx: np.ndarray | None) -> None:
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise PayloadError(f"idx must be a 1-D integer array, got {idx.dtype}{idx.shape}")
+    if public_idx is not None and not np.array_equal(idx, public_idx):
+        raise PayloadError("covers other public indices than requested")
 
 
 def _check_finite(name: str, values: np.ndarray) -> None:
@@ -69,11 +80,8 @@ class Logits(Payload):
     values: np.ndarray
     kind: ClassVar[str] = "logits"
 
-    def validate(self, *, num_classes: int) -> None:
-        if self.idx.ndim != 1 or not np.issubdtype(self.idx.dtype, np.integer):
-            raise PayloadError(
-                f"idx must be a 1-D integer array, got {self.idx.dtype}{self.idx.shape}"
-            )
+    def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
+        _check_idx(self.idx, public_idx)
         if self.values.shape != (len(self.idx), num_classes):
             raise PayloadError(
                 f"values have shape {self.values.shape}, expected ({len(self.idx)}, {num_classes})"
@@ -93,3 +101,178 @@ class Logits(Payload):
         w = np.ones(len(payloads)) if weights is None else np.asarray(weights, dtype=np.float64)
         values = np.tensordot(w / w.sum(), stacked, axes=1)
         return Logits(idx.copy(), values.astype(np.float32))
+
+
+@PAYLOADS.register("soft_labels")
+@dataclass(frozen=True)
+class SoftLabels(Payload):
+    """Class probabilities of public-set samples ``idx`` (rows sum to 1)."""
+
+    idx: np.ndarray
+    probs: np.ndarray
+    kind: ClassVar[str] = "soft_labels"
+
+    def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
+        _check_idx(self.idx, public_idx)
+        if self.probs.shape != (len(self.idx), num_classes):
+            raise PayloadError(
+                f"probs have shape {self.probs.shape}, expected ({len(self.idx)}, {num_classes})"
+            )
+        _check_finite("probs", self.probs)
+        if len(self.probs) and (self.probs.min() < -1e-6 or self.probs.max() > 1 + 1e-6):
+            raise PayloadError("probs must lie in [0, 1]")
+        worst = float(np.abs(self.probs.sum(axis=1) - 1).max()) if len(self.probs) else 0.0
+        if worst > 1e-3:
+            raise PayloadError(f"probability rows must sum to 1 (off by up to {worst:.3g})")
+
+    @staticmethod
+    def mean(payloads: Sequence[SoftLabels], weights: Sequence[float] | None = None) -> SoftLabels:
+        """(Weighted) mean over clients; all must cover the same public indices."""
+        avg = Logits.mean([Logits(p.idx, p.probs) for p in payloads], weights)
+        return SoftLabels(avg.idx, avg.values)
+
+
+@PAYLOADS.register("class_logits")
+@dataclass(frozen=True)
+class ClassLogits(Payload):
+    """Per-class mean logits (row c: mean logit vector of samples labelled c), as in
+    federated distillation (FD). ``counts[c]``: how many samples (from a client) or
+    clients (from the server) row c averages; a row with count 0 carries no information."""
+
+    means: np.ndarray
+    counts: np.ndarray
+    kind: ClassVar[str] = "class_logits"
+
+    def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
+        c = num_classes
+        if self.means.shape != (c, c):
+            raise PayloadError(f"means have shape {self.means.shape}, expected ({c}, {c})")
+        if self.counts.shape != (c,):
+            raise PayloadError(f"counts have shape {self.counts.shape}, expected ({c},)")
+        _check_finite("means", self.means)
+        _check_finite("counts", self.counts.astype(np.float64))
+        if (self.counts < 0).any():
+            raise PayloadError("counts must be >= 0")
+
+
+def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes < 2**bits -> bit-packed uint8 (``bits`` bits per code)."""
+    planes = (codes.reshape(-1, 1).astype(np.uint32) >> np.arange(bits, dtype=np.uint32)) & 1
+    return np.packbits(planes.astype(np.uint8).reshape(-1))
+
+
+def _unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(packed, count=count * bits).reshape(count, bits).astype(np.uint32)
+    return (planes << np.arange(bits, dtype=np.uint32)).sum(axis=1)
+
+
+@PAYLOADS.register("quantized_soft_labels")
+@dataclass(frozen=True)
+class QuantizedSoftLabels(Payload):
+    """Soft labels quantized to ``bits`` bits per probability and bit-packed (CFD).
+
+    Each probability p in [0, 1] becomes the integer ``round(p * (2**bits - 1))``,
+    so the reconstruction error is at most ``1 / (2 * (2**bits - 1))`` per entry.
+    ``nbytes`` is the packed size: what a real link would carry.
+    """
+
+    idx: np.ndarray
+    packed: np.ndarray  # uint8, ceil(rows * classes * bits / 8) bytes
+    meta: np.ndarray  # int32 [bits, rows, classes]
+    kind: ClassVar[str] = "quantized_soft_labels"
+
+    @classmethod
+    def quantize(cls, labels: SoftLabels, bits: int) -> QuantizedSoftLabels:
+        if not 1 <= bits <= 16:
+            raise ValueError(f"bits must be in 1..16, got {bits}")
+        levels = (1 << bits) - 1
+        codes = np.rint(np.clip(labels.probs, 0.0, 1.0) * levels).astype(np.uint32)
+        rows, classes = labels.probs.shape
+        idx = labels.idx.astype(np.int32)  # public sets stay far below 2**31 samples
+        return cls(idx, _pack_codes(codes, bits), np.array([bits, rows, classes], np.int32))
+
+    def dequantize(self) -> np.ndarray:
+        """The reconstructed probabilities (rows need not sum to 1 exactly)."""
+        bits, rows, classes = (int(v) for v in self.meta)
+        codes = _unpack_codes(self.packed, bits, rows * classes)
+        return (codes / ((1 << bits) - 1)).reshape(rows, classes).astype(np.float32)
+
+    def soft_labels(self) -> SoftLabels:
+        """Dequantized and renormalized (an all-zero row becomes uniform)."""
+        p = self.dequantize().astype(np.float64)
+        total = p.sum(axis=1, keepdims=True)
+        uniform = np.full_like(p, 1.0 / max(p.shape[1], 1))
+        p = np.where(total > 0, p / np.where(total > 0, total, 1.0), uniform)
+        return SoftLabels(self.idx.astype(np.int64), p.astype(np.float32))
+
+    def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
+        _check_idx(self.idx, public_idx)
+        if self.meta.shape != (3,) or not np.issubdtype(self.meta.dtype, np.integer):
+            raise PayloadError(f"meta must be 3 integers, got {self.meta.dtype}{self.meta.shape}")
+        bits, rows, classes = (int(v) for v in self.meta)
+        if not 1 <= bits <= 16:
+            raise PayloadError(f"bits must be in 1..16, got {bits}")
+        if (rows, classes) != (len(self.idx), num_classes):
+            raise PayloadError(
+                f"shape ({rows}, {classes}), expected ({len(self.idx)}, {num_classes})"
+            )
+        need = -(-rows * classes * bits // 8)
+        if self.packed.dtype != np.uint8 or self.packed.shape != (need,):
+            raise PayloadError(
+                f"packed must be {need} uint8 bytes, got {self.packed.dtype}{self.packed.shape}"
+            )
+
+
+@PAYLOADS.register("weights")
+@dataclass(frozen=True)
+class Weights(Payload):
+    """A model's state (parameters and buffers) by name: FedAvg-style payloads."""
+
+    tensors: dict[str, np.ndarray]
+    kind: ClassVar[str] = "weights"
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return dict(self.tensors)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Weights:
+        return cls(dict(arrays))
+
+    def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
+        if not self.tensors:
+            raise PayloadError("weights payload is empty")
+        for name, a in self.tensors.items():
+            if np.issubdtype(a.dtype, np.floating):
+                _check_finite(name, a)
+            elif not np.issubdtype(a.dtype, np.integer):
+                raise PayloadError(f"{name} has unsupported dtype {a.dtype}")
+
+    def check_like(self, reference: Weights) -> None:
+        """Same names, shapes and dtypes as ``reference`` (e.g. the global model)."""
+        if list(self.tensors) != list(reference.tensors):
+            missing = sorted(set(reference.tensors) - set(self.tensors))
+            extra = sorted(set(self.tensors) - set(reference.tensors))
+            raise PayloadError(f"tensor names differ: missing {missing}, unexpected {extra}")
+        for name, a in self.tensors.items():
+            ref = reference.tensors[name]
+            if a.shape != ref.shape or a.dtype != ref.dtype:
+                raise PayloadError(f"{name} is {a.dtype}{a.shape}, expected {ref.dtype}{ref.shape}")
+
+    @staticmethod
+    def mean(payloads: Sequence[Weights], weights: Sequence[float] | None = None) -> Weights:
+        """(Weighted) average of floating tensors; integer buffers (e.g. BatchNorm's
+        ``num_batches_tracked``) take the first payload's value."""
+        if not payloads:
+            raise ValueError("cannot average zero payloads")
+        for p in payloads[1:]:
+            p.check_like(payloads[0])
+        w = np.ones(len(payloads)) if weights is None else np.asarray(weights, dtype=np.float64)
+        w = w / w.sum()
+        out = {}
+        for name, first in payloads[0].tensors.items():
+            if np.issubdtype(first.dtype, np.floating):
+                stacked = np.stack([p.tensors[name] for p in payloads]).astype(np.float64)
+                out[name] = np.tensordot(w, stacked, axes=1).astype(first.dtype)
+            else:
+                out[name] = first.copy()
+        return Weights(out)

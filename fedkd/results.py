@@ -67,8 +67,8 @@ def progress_line(record: dict[str, Any], rounds: int) -> str:
     """One line per finished round, for the terminal."""
     s, t = record["students"], record["teacher"]
     parts = [f"round {record['round']:>3}/{rounds}"]
-    if t is not None:
-        parts.append(f"teacher {_pct(t['accuracy'])}")
+    if t and "accuracy" in t:
+        parts.append(f"server {_pct(t['accuracy'])}")
     if s["count"]:
         lo, hi = _pct(s["min"]).strip(), _pct(s["max"]).strip()
         parts.append(f"students {_pct(s['mean'])} (min {lo}, max {hi})")
@@ -145,9 +145,13 @@ def plot_accuracy(
         ax.fill_between(
             x, [100 * v["min"] for v in s], [100 * v["max"] for v in s], alpha=0.2, label="min-max"
         )
-    teacher = [(r["round"], r["teacher"]["accuracy"]) for r in rounds if r["teacher"]]
+    teacher = [
+        (r["round"], r["teacher"]["accuracy"])
+        for r in rounds
+        if r["teacher"] and "accuracy" in r["teacher"]
+    ]
     if teacher:
-        ax.plot([a for a, _ in teacher], [100 * b for _, b in teacher], "s-", label="teacher")
+        ax.plot([a for a, _ in teacher], [100 * b for _, b in teacher], "s-", label="server model")
     bx = [r["round"] for r in baseline if r["students"]["count"]]
     if bx:
         by = [100 * r["students"]["mean"] for r in baseline if r["students"]["count"]]

@@ -22,10 +22,10 @@ from fedkd.client import FitReply, student_spec
 from fedkd.config import Config
 from fedkd.data import FederatedData
 from fedkd.models import build_model
-from fedkd.payloads import Logits, Payload, PayloadError
+from fedkd.payloads import Payload, PayloadError
 from fedkd.seeding import derive_seed, torch_generator
 from fedkd.strategy import ServerNode, ServerStrategy, server_strategy
-from fedkd.training import evaluate, make_optimizer, to_tensor
+from fedkd.training import make_optimizer, to_tensor
 
 log = logging.getLogger("fedkd")
 
@@ -42,8 +42,10 @@ class Transport(Protocol):
     """Delivers a round's request to clients and collects their replies."""
 
     def fit(
-        self, rnd: int, cids: list[int], targets: Payload | None, public_idx: np.ndarray
-    ) -> dict[int, FitReply | Failure]: ...
+        self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
+    ) -> dict[int, FitReply | Failure]:
+        """Run round ``rnd`` on each client in ``requests`` (client id -> its targets)."""
+        ...
 
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -92,21 +94,36 @@ class Federation:
             test_x=to_tensor(data.test_x),
             test_y=to_tensor(data.test_y),
             num_classes=data.num_classes,
-            settings=config.server,
+            config=config,
             generator=torch_generator(config.seed, "server", 0),
         )
 
     def _check(self, reply: FitReply, public_idx: np.ndarray) -> str | None:
+        """Why this reply's payload cannot be aggregated (None: it can)."""
         payload = reply.payload
         if payload is None:
             return None
+        accepts = self.strategy.accepts
+        if not isinstance(payload, accepts):
+            names = ", ".join(getattr(t, "kind", t.__name__) for t in accepts)
+            return f"strategy {self.config.strategy.name!r} accepts {names}, got {payload.kind}"
         try:
-            payload.validate(num_classes=self.data.num_classes)
-            if isinstance(payload, Logits) and not np.array_equal(payload.idx, public_idx):
-                raise PayloadError("logits cover other public indices than requested")
+            payload.validate(num_classes=self.data.num_classes, public_idx=public_idx)
+            self.strategy.check_payload(self.server, reply.cid, payload)
         except PayloadError as err:
             return f"invalid {payload.kind} payload: {err}"
         return None
+
+    def _sample(self, rnd: int) -> list[int]:
+        count = self.config.clients.count
+        cids = self.strategy.sample(self.server, count)
+        bad = [c for c in cids if not (isinstance(c, int) and 0 <= c < count)]
+        if bad or len(set(cids)) != len(cids) or not cids:
+            raise RuntimeError(
+                f"round {rnd}: {type(self.strategy).__name__}.sample returned {cids}; "
+                f"expected distinct client ids in 0..{count - 1}"
+            )
+        return sorted(cids)
 
     def run(self, transport: Transport, on_round: RoundCallback | None = None) -> list[dict]:
         """Run all rounds; returns the per-round records (also passed to ``on_round``)."""
@@ -123,9 +140,13 @@ class Federation:
                 server.round = rnd
                 server.generator = torch_generator(cfg.seed, "server", rnd)
                 torch.manual_seed(derive_seed(cfg.seed, "server-global", rnd))
-                cids = sample_clients(cfg, rnd)
-                down = (targets.nbytes if targets is not None else 0) + idx.nbytes
-                replies = transport.fit(rnd, cids, targets, idx)
+                cids = self._sample(rnd)
+                requests = {cid: strategy.client_targets(server, cid, targets) for cid in cids}
+                down = {
+                    cid: (req.nbytes if req is not None else 0) + idx.nbytes
+                    for cid, req in requests.items()
+                }
+                replies = transport.fit(rnd, requests, idx)
                 clients: dict[str, dict[str, Any]] = {}
                 failures, payloads = [], {}
                 for cid in cids:
@@ -143,22 +164,20 @@ class Federation:
                         "model": str(student_spec(cfg, cid)),
                         **reply.metrics,
                         "bytes_up": up,
-                        "bytes_down": down,
+                        "bytes_down": down[cid],
                     }
                 aggregate = strategy.aggregate(server, payloads) if payloads else None
-                teacher: dict[str, float] | None = None
-                if server.teacher is not None:
-                    teacher = {}
-                    if aggregate is not None:
-                        teacher.update(strategy.distill(server, aggregate))
-                    teacher.update(evaluate(server.teacher, server.test_x, server.test_y))
+                server_metrics: dict[str, float] = {}
+                if aggregate is not None:
+                    server_metrics.update(strategy.distill(server, aggregate))
+                server_metrics.update(strategy.evaluate(server))
                 next_idx = public_indices(cfg, rnd + 1)
                 targets = strategy.targets(server, aggregate, next_idx)
                 accs = [c["accuracy"] for c in clients.values()]
                 record = {
                     "round": rnd,
                     "seconds": time.perf_counter() - start,
-                    "teacher": teacher,
+                    "teacher": server_metrics or None,
                     "students": {
                         "mean": float(np.mean(accs)) if accs else None,
                         "min": float(np.min(accs)) if accs else None,
@@ -166,7 +185,7 @@ class Federation:
                         "count": len(accs),
                     },
                     "bytes_up": int(sum(c["bytes_up"] for c in clients.values())),
-                    "bytes_down": int(down * len(cids)),
+                    "bytes_down": int(sum(down.values())),
                     "clients": clients,
                     "failures": failures,
                 }

@@ -109,7 +109,10 @@ def summarize(
 ) -> dict[str, Any]:
     """The end-of-run summary (written to summary.json and printed as a table)."""
     fed, local = _final_accuracies(records), _final_accuracies(baseline)
-    teacher_acc = next((r["teacher"]["accuracy"] for r in reversed(records) if r["teacher"]), None)
+    teacher_acc = next(
+        (r["teacher"]["accuracy"] for r in reversed(records) if "accuracy" in (r["teacher"] or {})),
+        None,
+    )
     students, local_stats = _stats(list(fed.values())), _stats(list(local.values()))
     gain = None
     if students and local_stats:

@@ -36,11 +36,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedkd.config import ClientsConfig, Config, ConfigError, ServerConfig, from_dict
+from fedkd.config import ClientsConfig, Config, ConfigError, ServerConfig, Spec, from_dict
 from fedkd.losses import KD_LOSSES
-from fedkd.payloads import Logits, Payload
+from fedkd.models import build_model
+from fedkd.payloads import ClassLogits, Logits, Payload, SoftLabels, Weights
 from fedkd.registry import Registry
-from fedkd.training import KDTargets, distill, evaluate, predict_logits, train_supervised
+from fedkd.seeding import derive_seed
+from fedkd.training import (
+    ClassKDTargets,
+    KDTargets,
+    distill,
+    evaluate,
+    make_optimizer,
+    predict_logits,
+    train_supervised,
+)
 
 Metrics = dict[str, float]
 
@@ -61,21 +71,49 @@ def make_params(cls: type, values: dict[str, Any], path: str) -> Any:
 
 
 def public_kd_targets(
-    public_x: torch.Tensor, targets: Logits, temperature: float, loss: str = "soft_kl"
+    public_x: torch.Tensor,
+    targets: Logits | SoftLabels,
+    temperature: float,
+    loss: str | None = None,
 ) -> KDTargets:
-    """Logits on public indices -> (public inputs, targets, loss) on ``public_x``'s device."""
+    """Targets on public indices -> (public inputs, targets, loss) on ``public_x``'s device.
+
+    ``loss`` defaults to ``soft_kl`` for :class:`Logits` and ``prob_kl`` for
+    :class:`SoftLabels` (whose values are already probabilities).
+    """
+    if isinstance(targets, SoftLabels):
+        values, default = targets.probs, "prob_kl"
+    elif isinstance(targets, Logits):
+        values, default = targets.values, "soft_kl"
+    else:
+        raise TypeError(f"cannot distill towards a {type(targets).__name__} payload")
+    loss = loss or default
     idx = torch.as_tensor(targets.idx, dtype=torch.long, device=public_x.device)
-    logits = torch.as_tensor(targets.values, dtype=torch.float32, device=public_x.device)
-    kwargs = {"temperature": temperature} if loss == "soft_kl" else {}
-    return KDTargets(public_x[idx], logits, KD_LOSSES.get(loss)(**kwargs))
+    values_t = torch.as_tensor(values, dtype=torch.float32, device=public_x.device)
+    kwargs = {"temperature": temperature} if loss in ("soft_kl", "prob_kl") else {}
+    return KDTargets(public_x[idx], values_t, KD_LOSSES.get(loss)(**kwargs))
+
+
+def model_weights(model: nn.Module) -> Weights:
+    """A model's state dict as a :class:`Weights` payload (CPU NumPy copies)."""
+    return Weights({k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()})
+
+
+def load_weights(model: nn.Module, weights: Weights) -> None:
+    """Load a :class:`Weights` payload into ``model`` (names and shapes must match)."""
+    device = next(model.parameters()).device
+    model.load_state_dict(
+        {k: torch.as_tensor(v, device=device) for k, v in weights.tensors.items()}
+    )
 
 
 @dataclass
 class ClientNode:
     """One client as a strategy sees it: its student, data and persistent state.
 
-    ``state`` holds extra arrays a strategy wants to keep across rounds (saved with
-    the student). Tensors live on ``device``.
+    ``state`` holds extra values a strategy wants to keep across rounds (saved with
+    the student). Tensors live on ``device``. ``public_y`` are the public set's
+    labels: only algorithms that assume a *labelled* public set (FedMD) use them.
     """
 
     cid: int
@@ -85,49 +123,76 @@ class ClientNode:
     x: torch.Tensor
     y: torch.Tensor
     public_x: torch.Tensor
+    public_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
     settings: ClientsConfig
     generator: torch.Generator
     device: torch.device
-    state: dict[str, np.ndarray] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
         return len(self.y)
 
-    def kd_targets(self, targets: Logits, temperature: float, loss: str = "soft_kl") -> KDTargets:
+    def kd_targets(
+        self, targets: Logits | SoftLabels, temperature: float, loss: str | None = None
+    ) -> KDTargets:
         """Pair server targets with this client's copy of the public inputs."""
         return public_kd_targets(self.public_x, targets, temperature, loss)
+
+    def train_on(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        epochs: int | None = None,
+        kd: KDTargets | ClassKDTargets | None = None,
+        kd_weight: float = 0.0,
+    ) -> Metrics:
+        """Epochs of cross-entropy on (x, y), optionally mixed with a KD term."""
+        return train_supervised(
+            self.model,
+            self.optimizer,
+            x,
+            y,
+            epochs=self.settings.local_epochs if epochs is None else epochs,
+            batch_size=self.settings.batch_size,
+            generator=self.generator,
+            kd=kd,
+            kd_weight=kd_weight,
+        )
 
     def train_private(
         self,
         *,
         epochs: int | None = None,
-        kd: Logits | None = None,
+        kd: Logits | SoftLabels | ClassKDTargets | None = None,
         kd_weight: float = 0.0,
         temperature: float = 1.0,
+        loss: str | None = None,
     ) -> Metrics:
-        """Local epochs of cross-entropy, mixed with distillation towards ``kd`` if given."""
-        return train_supervised(
-            self.model,
-            self.optimizer,
-            self.x,
-            self.y,
-            epochs=self.settings.local_epochs if epochs is None else epochs,
-            batch_size=self.settings.batch_size,
-            generator=self.generator,
-            kd=self.kd_targets(kd, temperature) if kd is not None else None,
-            kd_weight=kd_weight,
-        )
+        """Local epochs (default ``clients.local_epochs``) of cross-entropy on private
+        data, mixed with distillation towards ``kd`` (public targets or per-class)."""
+        targets = kd
+        if isinstance(kd, (Logits, SoftLabels)):
+            targets = self.kd_targets(kd, temperature, loss)
+        return self.train_on(self.x, self.y, epochs=epochs, kd=targets, kd_weight=kd_weight)
 
-    def distill_public(self, targets: Logits, *, epochs: int, temperature: float) -> Metrics:
+    def distill_public(
+        self,
+        targets: Logits | SoftLabels,
+        *,
+        epochs: int,
+        temperature: float = 1.0,
+        loss: str | None = None,
+    ) -> Metrics:
         """Epochs of pure distillation towards ``targets`` on the public inputs."""
         return distill(
             self.model,
             self.optimizer,
-            self.kd_targets(targets, temperature),
+            self.kd_targets(targets, temperature, loss),
             epochs=epochs,
             batch_size=self.settings.batch_size,
             generator=self.generator,
@@ -138,13 +203,43 @@ class ClientNode:
         x = self.public_x[torch.as_tensor(idx, dtype=torch.long, device=self.device)]
         return predict_logits(self.model, x).cpu().numpy().astype(np.float32)
 
+    def public_probs(self, idx: np.ndarray, temperature: float = 1.0) -> SoftLabels:
+        """The student's softmax outputs (at ``temperature``) on public samples ``idx``."""
+        logits = torch.from_numpy(self.public_logits(idx)).double()
+        probs = torch.softmax(logits / temperature, dim=-1).float().numpy()
+        return SoftLabels(np.asarray(idx, dtype=np.int64), probs)
+
+    def class_mean_logits(self) -> ClassLogits:
+        """Mean logit vector of this client's private samples of each class (FD)."""
+        logits = predict_logits(self.model, self.x).double().cpu()
+        y = self.y.cpu()
+        c = self.num_classes
+        sums = torch.zeros(c, c, dtype=torch.float64).index_add_(0, y, logits)
+        counts = torch.bincount(y, minlength=c).double()
+        means = sums / counts.clamp(min=1).unsqueeze(1)
+        return ClassLogits(means.float().numpy(), counts.float().numpy())
+
+    def weights(self) -> Weights:
+        """The student's parameters and buffers."""
+        return model_weights(self.model)
+
+    def load_weights(self, weights: Weights) -> None:
+        """Replace the student's parameters and buffers (e.g. by the global model)."""
+        load_weights(self.model, weights)
+
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer (``clients.optimizer`` at ``clients.lr``), e.g. after the
+        student was replaced by a global model."""
+        self.optimizer = make_optimizer(self.settings.optimizer, self.model, self.settings.lr)
+
     def evaluate(self) -> Metrics:
         return evaluate(self.model, self.test_x, self.test_y)
 
 
 @dataclass
 class ServerNode:
-    """The server as a strategy sees it: the global teacher (if any) and the public set."""
+    """The server as a strategy sees it: the global teacher (if any), the public set,
+    and the experiment's config (to build and evaluate per-architecture models)."""
 
     round: int
     teacher: nn.Module | None
@@ -153,29 +248,71 @@ class ServerNode:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    settings: ServerConfig
+    config: Config
     generator: torch.Generator
     num_examples: dict[int, int] = field(default_factory=dict)  # private-set size per client
     state: dict[str, Any] = field(default_factory=dict)
 
-    def distill_teacher(self, targets: Logits, *, temperature: float) -> Metrics:
-        """``settings.epochs`` of distillation of the teacher towards ``targets``."""
-        if self.teacher is None or self.optimizer is None:
-            raise RuntimeError("this strategy declared uses_teacher = False")
+    @property
+    def settings(self) -> ServerConfig:
+        return self.config.server
+
+    def student_spec(self, cid: int) -> Spec:
+        """Client ``cid``'s student architecture."""
+        from fedkd.client import student_spec
+
+        return student_spec(self.config, cid)
+
+    def build_model(self, spec: Spec, seed_key: str = "server-model") -> nn.Module:
+        """A fresh model of ``spec`` for this task, seeded from the experiment seed."""
+        shape = tuple(self.public_x.shape[1:])
+        seed = derive_seed(self.config.seed, seed_key, str(spec))
+        return build_model(spec, shape, self.num_classes, seed=seed)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """``server.optimizer`` at ``server.lr`` for ``model``."""
+        return make_optimizer(self.settings.optimizer, model, self.settings.lr)
+
+    def logits(self, model: nn.Module, idx: np.ndarray) -> Logits:
+        """``model``'s logits on public samples ``idx``."""
+        x = self.public_x[torch.as_tensor(idx, dtype=torch.long)]
+        return Logits(np.asarray(idx, dtype=np.int64), predict_logits(model, x).numpy())
+
+    def distill_into(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        targets: Logits | SoftLabels,
+        *,
+        temperature: float = 1.0,
+        epochs: int | None = None,
+        loss: str | None = None,
+    ) -> Metrics:
+        """Distill ``model`` towards ``targets`` on the public inputs
+        (``server.epochs`` passes by default, batches of ``server.batch_size``)."""
         return distill(
-            self.teacher,
-            self.optimizer,
-            public_kd_targets(self.public_x, targets, temperature),
-            epochs=self.settings.epochs,
+            model,
+            optimizer,
+            public_kd_targets(self.public_x, targets, temperature, loss),
+            epochs=self.settings.epochs if epochs is None else epochs,
             batch_size=self.settings.batch_size,
             generator=self.generator,
         )
 
+    def distill_teacher(self, targets: Logits | SoftLabels, *, temperature: float) -> Metrics:
+        """``server.epochs`` of distillation of the teacher towards ``targets``."""
+        if self.teacher is None or self.optimizer is None:
+            raise RuntimeError("this strategy declared uses_teacher = False")
+        return self.distill_into(self.teacher, self.optimizer, targets, temperature=temperature)
+
     def teacher_logits(self, idx: np.ndarray) -> Logits:
         if self.teacher is None:
             raise RuntimeError("this strategy declared uses_teacher = False")
-        x = self.public_x[torch.as_tensor(idx, dtype=torch.long)]
-        return Logits(np.asarray(idx, dtype=np.int64), predict_logits(self.teacher, x).numpy())
+        return self.logits(self.teacher, idx)
+
+    def evaluate(self, model: nn.Module) -> Metrics:
+        """Accuracy and loss of ``model`` on the global test set."""
+        return evaluate(model, self.test_x, self.test_y)
 
 
 class ClientStrategy(ABC):
@@ -187,12 +324,14 @@ class ClientStrategy(ABC):
         self.params = self.Params() if params is None else params
 
     def setup(self, node: ClientNode) -> None:  # noqa: B027 - optional hook
-        """Called once, the first time this client is sampled, after its student is built."""
+        """Called once, the first time this client is sampled, after its student is built
+        (e.g. FedMD's transfer-learning warm-up)."""
 
     @abstractmethod
     def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
-        """Learn this round: digest the server's ``targets`` (None in round 1) and/or
-        train on private data. May change ``node.model`` and ``node.state``."""
+        """Learn this round: digest the server's ``targets`` (None in round 1 unless the
+        server strategy sends initial targets) and/or train on private data. May change
+        ``node.model``, ``node.optimizer`` and ``node.state``."""
 
     @abstractmethod
     def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload | None:
@@ -200,36 +339,74 @@ class ClientStrategy(ABC):
 
 
 class ServerStrategy(ABC):
-    """How the server turns client payloads into the next round's targets.
+    """How the server samples clients and turns their payloads into the next targets.
 
     Class attributes: ``Params`` (hyperparameters dataclass, shared with the client
-    side), ``client_strategy`` (the client side clients run by default) and
-    ``uses_teacher`` (whether the server holds a global teacher model).
+    side), ``client_strategy`` (the client side clients run by default),
+    ``uses_teacher`` (whether the server holds a global teacher model, built from
+    ``server.teacher``) and ``accepts`` (payload types :meth:`aggregate` takes; other
+    payloads are rejected on arrival, with the reason logged and recorded).
+
+    Only :meth:`aggregate` is required. Call order per round: :meth:`sample`,
+    :meth:`client_targets` (per sampled client), then, for the valid replies,
+    :meth:`check_payload`, :meth:`aggregate`, :meth:`distill`, :meth:`evaluate`,
+    :meth:`targets`.
     """
 
     Params: ClassVar[type] = NoParams
     client_strategy: ClassVar[type[ClientStrategy]]
     uses_teacher: ClassVar[bool] = True
+    accepts: ClassVar[tuple[type[Payload], ...]] = (Payload,)
 
     def __init__(self, params: Any = None) -> None:
         self.params = self.Params() if params is None else params
 
+    @classmethod  # noqa: B027 - optional hook
+    def check_config(cls, config: Config) -> None:
+        """Reject configurations this algorithm cannot run (raise :class:`ConfigError`
+        naming the field). Runs before any data is built or Ray starts."""
+
     def setup(self, server: ServerNode) -> None:  # noqa: B027 - optional hook
         """Called once before round 1, after the teacher (if any) is built."""
+
+    def sample(self, server: ServerNode, clients: int) -> list[int]:
+        """Client ids that take part in round ``server.round``. Default: a seeded
+        ``clients.fraction`` of all ``clients``."""
+        from fedkd.rounds import sample_clients
+
+        return sample_clients(server.config, server.round)
+
+    def client_targets(
+        self, server: ServerNode, cid: int, targets: Payload | None
+    ) -> Payload | None:
+        """What client ``cid`` receives this round. Default: the shared ``targets``
+        (from :meth:`targets` of the previous round; None in round 1)."""
+        return targets
+
+    def check_payload(  # noqa: B027 - optional hook
+        self, server: ServerNode, cid: int, payload: Payload
+    ) -> None:
+        """Extra checks on an arriving payload (after its own ``validate``); raise
+        :class:`PayloadError` to reject it. Default: none."""
 
     @abstractmethod
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload | None:
         """Combine the valid payloads of this round (keyed by client id, in id order)."""
 
     def distill(self, server: ServerNode, aggregate: Payload) -> Metrics:
-        """Optionally train the teacher on the aggregate. Default: nothing."""
+        """Optionally train server-side models on the aggregate. Default: nothing."""
         return {}
+
+    def evaluate(self, server: ServerNode) -> Metrics:
+        """Test metrics of the server's model(s), reported as the round's ``teacher``
+        entry (an ``accuracy`` key is plotted). Default: the teacher, if any."""
+        return server.evaluate(server.teacher) if server.teacher is not None else {}
 
     def targets(
         self, server: ServerNode, aggregate: Payload | None, public_idx: np.ndarray
     ) -> Payload | None:
-        """Targets sent with the next round, whose public subset is ``public_idx``.
-        Default: the aggregate itself."""
+        """Targets sent with the next round, whose public subset is ``public_idx``
+        (``aggregate`` is None when no valid payload arrived). Default: the aggregate."""
         return aggregate
 
 
@@ -246,9 +423,11 @@ SERVER_STRATEGIES: Registry[type[ServerStrategy]] = Registry(
 
 
 def server_strategy(config: Config) -> ServerStrategy:
-    """The configured server strategy, with its params validated."""
+    """The configured server strategy, with its params and config requirements validated."""
     cls = SERVER_STRATEGIES.get(config.strategy.name)
-    return cls(make_params(cls.Params, config.strategy.params, "strategy"))
+    strategy = cls(make_params(cls.Params, config.strategy.params, "strategy"))
+    cls.check_config(config)
+    return strategy
 
 
 def client_strategy(config: Config, cid: int) -> ClientStrategy:

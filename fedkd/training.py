@@ -36,6 +36,19 @@ class KDTargets:
     loss: nn.Module  # e.g. SoftKL(temperature)
 
 
+@dataclass
+class ClassKDTargets:
+    """Per-class target logits for distillation on *private* samples (FD).
+
+    A private sample labelled ``c`` is distilled towards ``logits[c]``; samples of
+    classes with ``valid[c] == False`` get no distillation term.
+    """
+
+    logits: torch.Tensor  # (classes, classes)
+    valid: torch.Tensor  # (classes,) bool
+    loss: nn.Module
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     return list(torch.randperm(n, generator=generator).split(batch_size))
 
@@ -49,24 +62,33 @@ def train_supervised(
     epochs: int,
     batch_size: int,
     generator: torch.Generator,
-    kd: KDTargets | None = None,
+    kd: KDTargets | ClassKDTargets | None = None,
     kd_weight: float = 0.0,
 ) -> dict[str, float]:
     """Cross-entropy on (x, y), optionally mixed with a distillation term.
 
-    With ``kd``, each private batch is paired with a random public batch of the same
-    size and the loss is ``(1 - kd_weight) * CE + kd_weight * kd.loss``.
+    The loss is ``(1 - kd_weight) * CE + kd_weight * KD``. With :class:`KDTargets`
+    each private batch is paired with a random public batch of the same size; with
+    :class:`ClassKDTargets` the KD term is on the private batch itself, towards the
+    target logits of each sample's class.
     """
     model.train()
     totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
     steps = 0
     for _ in range(epochs):
         for rows in _batches(len(y), batch_size, generator):
-            ce = F.cross_entropy(model(x[rows]), y[rows])
+            out = model(x[rows])
+            ce = F.cross_entropy(out, y[rows])
             loss = ce
-            if kd is not None and kd_weight > 0:
+            kd_loss = None
+            if isinstance(kd, ClassKDTargets) and kd_weight > 0:
+                keep = kd.valid[y[rows]]
+                if bool(keep.any()):
+                    kd_loss = kd.loss(out[keep], kd.logits[y[rows][keep]])
+            elif kd is not None and kd_weight > 0:
                 pick = torch.randint(len(kd.logits), (len(rows),), generator=generator)
                 kd_loss = kd.loss(model(kd.x[pick]), kd.logits[pick])
+            if kd_loss is not None:
                 loss = (1 - kd_weight) * ce + kd_weight * kd_loss
                 totals["kd"] += kd_loss.item()
             optimizer.zero_grad(set_to_none=True)

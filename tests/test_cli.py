@@ -52,7 +52,7 @@ def test_fedkd_run_with_overrides_prints_progress_and_summary(tmp_path):
         "run", "simulations/quickstart.toml", *SMALL, "rounds=2", f"output_dir={tmp_path}"
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "round   2/2 | teacher" in proc.stdout
+    assert "round   2/2 | server" in proc.stdout
     assert "students, local-only" in proc.stdout and "% teacher" in proc.stdout
     (run_dir,) = tmp_path.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())

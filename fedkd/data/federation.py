@@ -34,6 +34,7 @@ class ClientData:
     x: np.ndarray
     y: np.ndarray
     public_x: np.ndarray
+    public_y: np.ndarray  # only for algorithms that assume a labelled public set (FedMD)
     test_x: np.ndarray
     test_y: np.ndarray
     num_classes: int
@@ -62,6 +63,7 @@ class FederatedData:
             self.private_x[rows],
             self.private_y[rows],
             self.public_x,
+            self.public_y,
             self.test_x,
             self.test_y,
             self.num_classes,
