@@ -138,20 +138,24 @@ class Federation:
             for rnd in range(1, cfg.rounds + 1):
                 start = time.perf_counter()
                 server.round = rnd
+                server.public_idx = idx
                 server.generator = torch_generator(cfg.seed, "server", rnd)
                 torch.manual_seed(derive_seed(cfg.seed, "server-global", rnd))
                 cids = self._sample(rnd)
                 requests = {cid: strategy.client_targets(server, cid, targets) for cid in cids}
+                query = idx if strategy.clients_use_public else idx[:0]
                 down = {
-                    cid: (req.nbytes if req is not None else 0) + idx.nbytes
+                    cid: (req.nbytes if req is not None else 0) + query.nbytes
                     for cid, req in requests.items()
                 }
-                replies = transport.fit(rnd, requests, idx)
+                replies = transport.fit(rnd, requests, query)
                 clients: dict[str, dict[str, Any]] = {}
                 failures, payloads = [], {}
                 for cid in cids:
                     reply = replies.get(cid, Failure(cid, "no reply"))
-                    problem = reply.error if isinstance(reply, Failure) else self._check(reply, idx)
+                    problem = (
+                        reply.error if isinstance(reply, Failure) else self._check(reply, query)
+                    )
                     if problem is not None:
                         log.warning("round %d: client %d failed: %s", rnd, cid, problem)
                         failures.append({"client": cid, "error": problem})

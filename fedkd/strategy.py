@@ -251,6 +251,7 @@ class ServerNode:
     config: Config
     generator: torch.Generator
     num_examples: dict[int, int] = field(default_factory=dict)  # private-set size per client
+    public_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # this round
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -266,7 +267,7 @@ class ServerNode:
     def build_model(self, spec: Spec, seed_key: str = "server-model") -> nn.Module:
         """A fresh model of ``spec`` for this task, seeded from the experiment seed."""
         shape = tuple(self.public_x.shape[1:])
-        seed = derive_seed(self.config.seed, seed_key, str(spec))
+        seed = derive_seed(self.config.seed, f"{seed_key}:{spec}")
         return build_model(spec, shape, self.num_classes, seed=seed)
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -344,8 +345,10 @@ class ServerStrategy(ABC):
     Class attributes: ``Params`` (hyperparameters dataclass, shared with the client
     side), ``client_strategy`` (the client side clients run by default),
     ``uses_teacher`` (whether the server holds a global teacher model, built from
-    ``server.teacher``) and ``accepts`` (payload types :meth:`aggregate` takes; other
-    payloads are rejected on arrival, with the reason logged and recorded).
+    ``server.teacher``), ``accepts`` (payload types :meth:`aggregate` takes; other
+    payloads are rejected on arrival, with the reason logged and recorded) and
+    ``clients_use_public`` (False: clients get an empty ``public_idx`` and the
+    round's public indices are not sent, nor counted as bytes down).
 
     Only :meth:`aggregate` is required. Call order per round: :meth:`sample`,
     :meth:`client_targets` (per sampled client), then, for the valid replies,
@@ -357,6 +360,7 @@ class ServerStrategy(ABC):
     client_strategy: ClassVar[type[ClientStrategy]]
     uses_teacher: ClassVar[bool] = True
     accepts: ClassVar[tuple[type[Payload], ...]] = (Payload,)
+    clients_use_public: ClassVar[bool] = True
 
     def __init__(self, params: Any = None) -> None:
         self.params = self.Params() if params is None else params

@@ -33,6 +33,7 @@ class LocalServer(ServerStrategy):
 
     client_strategy = LocalClient
     uses_teacher = False
+    clients_use_public = False
 
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload | None:
         return None

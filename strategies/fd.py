@@ -1,0 +1,111 @@
+"""FD, federated distillation (Jeong et al., 2018, arXiv:1811.11479): per-class mean
+logits, no public set.
+
+Each client sends, for every label, the mean logit vector of its private samples
+of that label. The server averages each label's vectors over the clients that
+hold the label. A client then trains with cross-entropy plus a distillation
+regulariser that pulls its logits on a private sample of label c towards the
+global mean logits of c, excluding its own contribution (the paper's
+``(sum_j F_j - F_i) / (M - 1)``). The server computes that leave-one-out mean per
+client, so each client downloads exactly one (classes x classes) matrix.
+
+Deviations: the regulariser is ``kd_weight``-mixed T^2-scaled KL at temperature
+``temperature`` between softmaxed logits (the paper leaves the distance open);
+``weighted = true`` averages by sample counts instead of per client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedkd.config import ConfigError
+from fedkd.losses import SoftKL
+from fedkd.payloads import ClassLogits, Payload
+from fedkd.strategy import (
+    CLIENT_STRATEGIES,
+    SERVER_STRATEGIES,
+    ClientNode,
+    ClientStrategy,
+    Metrics,
+    ServerNode,
+    ServerStrategy,
+)
+from fedkd.training import ClassKDTargets
+
+
+@dataclass(frozen=True)
+class FDParams:
+    temperature: float = 1.0
+    kd_weight: float = 0.3  # weight of the regulariser; 1 - kd_weight goes to cross-entropy
+    exclude_own: bool = True  # leave each client's own vectors out of its targets
+    weighted: bool = False  # average per-class vectors by sample count, not per client
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
+        if not 0 <= self.kd_weight <= 1:
+            raise ConfigError("kd_weight", f"must be in [0, 1], got {self.kd_weight}")
+
+
+@CLIENT_STRATEGIES.register("fd")
+class FDClient(ClientStrategy):
+    Params = FDParams
+
+    def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
+        kd = None
+        if isinstance(targets, ClassLogits):
+            kd = ClassKDTargets(
+                torch.as_tensor(targets.means, dtype=torch.float32, device=node.device),
+                torch.as_tensor(targets.counts > 0, device=node.device),
+                SoftKL(self.params.temperature),
+            )
+        return node.train_private(kd=kd, kd_weight=self.params.kd_weight)
+
+    def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload:
+        return node.class_mean_logits()
+
+
+def class_average(payloads: dict[int, ClassLogits], weighted: bool) -> tuple[np.ndarray, ...]:
+    """Per-class (weighted sum of means, total weight) over clients; a client's weight for
+    class c is its sample count (``weighted``) or 1, and 0 where it has no sample of c."""
+    sums, mass = 0.0, 0.0
+    for p in payloads.values():
+        w = p.counts.astype(np.float64) if weighted else (p.counts > 0).astype(np.float64)
+        sums = sums + w[:, None] * p.means.astype(np.float64)
+        mass = mass + w
+    return np.asarray(sums), np.asarray(mass)
+
+
+def _mean(sums: np.ndarray, mass: np.ndarray) -> ClassLogits:
+    means = sums / np.maximum(mass, 1e-12)[:, None]
+    means[mass <= 1e-12] = 0.0
+    return ClassLogits(means.astype(np.float32), mass.astype(np.float32))
+
+
+@SERVER_STRATEGIES.register("fd")
+class FDServer(ServerStrategy):
+    Params = FDParams
+    client_strategy = FDClient
+    uses_teacher = False
+    clients_use_public = False
+    accepts = (ClassLogits,)
+
+    def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
+        received = {c: p for c, p in payloads.items() if isinstance(p, ClassLogits)}
+        sums, mass = class_average(received, self.params.weighted)
+        server.state["fd"] = (sums, mass, received)
+        return _mean(sums, mass)
+
+    def client_targets(self, server: ServerNode, cid: int, targets: Payload | None):
+        """The global per-class means without client ``cid``'s own last contribution."""
+        if not self.params.exclude_own or "fd" not in server.state:
+            return targets
+        sums, mass, received = server.state["fd"]
+        own = received.get(cid)
+        if own is None:
+            return targets
+        w = own.counts.astype(np.float64) if self.params.weighted else (own.counts > 0) * 1.0
+        return _mean(sums - w[:, None] * own.means, mass - w)

@@ -1,0 +1,88 @@
+"""FedMD (Li & Wang, 2019, arXiv:1910.03581): heterogeneous federated learning via
+model distillation on a labelled public set.
+
+Transfer learning (once, the first time a client is sampled): train on the
+labelled public set for ``transfer_epochs``, then on the private set for
+``private_epochs``. Then every round: *communicate* — each client sends its class
+scores (logits) on the round's public subset (``server.public_subset``); the
+server averages them into the consensus; *digest* — each client trains its logits
+towards the consensus on that subset (``digest_epochs``, L1 loss on logits as in
+the authors' code); *revisit* — ``revisit_epochs`` on its private data.
+
+Deviations: in our message order a client digests the consensus of round r at
+the start of round r+1, immediately followed by the revisit and the next
+communicate, so the sequence of steps is the paper's. The public set's labels are
+used in the transfer phase only (FedMD assumes a labelled public set; no other
+built-in strategy touches them). The server holds no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedkd.config import ConfigError
+from fedkd.losses import KD_LOSSES
+from fedkd.payloads import Logits, Payload
+from fedkd.strategy import (
+    CLIENT_STRATEGIES,
+    SERVER_STRATEGIES,
+    ClientNode,
+    ClientStrategy,
+    Metrics,
+    ServerNode,
+    ServerStrategy,
+)
+
+
+@dataclass(frozen=True)
+class FedMDParams:
+    transfer_epochs: int = 2  # labelled public set, once, before round 1
+    private_epochs: int = 3  # private set, once, after the public-set transfer
+    digest_epochs: int = 1  # towards the consensus on the public subset, each round
+    revisit_epochs: int = 1  # private set, each round
+    loss: str = "mae"  # digest loss on logits ("mae" in the authors' code; or mse, soft_kl)
+    temperature: float = 1.0  # only used if loss = "soft_kl"
+
+    def __post_init__(self) -> None:
+        for name in ("transfer_epochs", "private_epochs", "digest_epochs", "revisit_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        try:
+            KD_LOSSES.get(self.loss)
+        except LookupError as err:
+            raise ConfigError("loss", str(err)) from None
+
+
+@CLIENT_STRATEGIES.register("fedmd")
+class FedMDClient(ClientStrategy):
+    Params = FedMDParams
+
+    def setup(self, node: ClientNode) -> None:
+        node.train_on(node.public_x, node.public_y, epochs=self.params.transfer_epochs)
+        node.train_private(epochs=self.params.private_epochs)
+
+    def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
+        p, out = self.params, {}
+        if isinstance(targets, Logits) and p.digest_epochs:
+            kd = node.distill_public(
+                targets, epochs=p.digest_epochs, temperature=p.temperature, loss=p.loss
+            )
+            out["digest"] = kd["kd"]
+        out.update(node.train_private(epochs=p.revisit_epochs))
+        return out
+
+    def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload:
+        return Logits(public_idx, node.public_logits(public_idx))
+
+
+@SERVER_STRATEGIES.register("fedmd")
+class FedMDServer(ServerStrategy):
+    Params = FedMDParams
+    client_strategy = FedMDClient
+    uses_teacher = False
+    accepts = (Logits,)
+
+    def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
+        return Logits.mean([p for p in payloads.values() if isinstance(p, Logits)])
