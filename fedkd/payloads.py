@@ -171,8 +171,11 @@ def _unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 class QuantizedSoftLabels(Payload):
     """Soft labels quantized to ``bits`` bits per probability and bit-packed (CFD).
 
-    Each probability p in [0, 1] becomes the integer ``round(p * (2**bits - 1))``,
-    so the reconstruction error is at most ``1 / (2 * (2**bits - 1))`` per entry.
+    Sattler et al.'s constrained uniform quantizer: each row becomes the vector
+    ``q`` on the grid ``{l / (2**bits - 1)}`` that sums to 1 and is closest to the
+    row in L1 distance (largest-remainder rounding; ties to the lower class index).
+    Every entry is rounded down or up, so the reconstruction error is below
+    ``1 / (2**bits - 1)`` per entry; one bit gives the one-hot argmax.
     ``nbytes`` is the packed size: what a real link would carry.
     """
 
@@ -186,7 +189,16 @@ class QuantizedSoftLabels(Payload):
         if not 1 <= bits <= 16:
             raise ValueError(f"bits must be in 1..16, got {bits}")
         levels = (1 << bits) - 1
-        codes = np.rint(np.clip(labels.probs, 0.0, 1.0) * levels).astype(np.uint32)
+        p = np.clip(labels.probs.astype(np.float64), 0.0, None)
+        total = p.sum(axis=1, keepdims=True)
+        p = np.divide(p, total, out=np.full_like(p, 1 / max(p.shape[1], 1)), where=total > 0)
+        scaled = p * levels
+        codes = np.floor(scaled + 1e-9).astype(np.int64)
+        short = levels - codes.sum(axis=1)  # units still to hand out, per row (< classes)
+        order = np.argsort(-(scaled - codes), axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(p.shape[1])[None, :], axis=1)
+        codes += rank < short[:, None]
         rows, classes = labels.probs.shape
         idx = labels.idx.astype(np.int32)  # public sets stay far below 2**31 samples
         return cls(idx, _pack_codes(codes, bits), np.array([bits, rows, classes], np.int32))

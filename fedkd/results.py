@@ -99,6 +99,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines.append(f"{'gain over local-only':28}{f['gain_points']:>+7.1f} points (mean)")
     if f.get("teacher") is not None:
         lines.append(f"{'teacher':28}{_pct(f['teacher']):>8}")
+    elif f.get("server_model") is not None:
+        lines.append(f"{'server model(s)':28}{_pct(f['server_model']):>8}")
     lines += ["", "per architecture (accuracy: final round, mean over its clients)"]
     header = (
         f"{'model':24}{'role':9}{'clients':>8}{'params':>9}{'size':>10}"
@@ -118,7 +120,13 @@ def summary_table(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"communication: {_bytes(c['bytes_up'])} up, {_bytes(c['bytes_down'])} down in all "
-        f"({_bytes(c['bytes_per_round'])} per round)",
+        f"({_bytes(c['bytes_per_round'])} per round)"
+        + (
+            f"; FedAvg with the same models would send {_bytes(c['fedavg_bytes_per_round'])} "
+            f"per round (this run: {100 * c['share_of_fedavg']:.1f}% of that)"
+            if c.get("share_of_fedavg") is not None
+            else ""
+        ),
         f"time: start-up {t['startup_s']:.1f} s, rounds {t['rounds_s']:.1f} s "
         f"(median {t['median_round_s']:.2f} s/round), baseline {t['baseline_s']:.1f} s, "
         f"total {t['total_s']:.1f} s",

@@ -25,7 +25,7 @@ from fedkd.data.federation import check_data_config
 from fedkd.models import build_model, check_model_spec
 from fedkd.profiling import profile_model
 from fedkd.results import RunDirectory, plot_accuracy, progress_line, summary_table
-from fedkd.strategy import client_strategy, server_strategy
+from fedkd.strategy import SERVER_STRATEGIES, client_strategy, server_strategy
 from fedkd.training import OPTIMIZERS
 
 log = logging.getLogger("fedkd")
@@ -98,6 +98,18 @@ def _stats(values: Sequence[float]) -> dict[str, float] | None:
     }
 
 
+def _fedavg_bytes(
+    config: Config, records: list[dict[str, Any]], profiles: dict[str, dict[str, Any]]
+) -> int:
+    """What FedAvg would have sent in the same rounds: each sampled client's model
+    (parameters and buffers) down and its update up."""
+    total = 0
+    for r in records:
+        cids = [int(c) for c in r["clients"]] + [f["client"] for f in r["failures"]]
+        total += sum(2 * profiles[str(student_spec(config, c))]["bytes"] for c in cids)
+    return int(total)
+
+
 def summarize(
     config: Config,
     data: FederatedData,
@@ -109,10 +121,12 @@ def summarize(
 ) -> dict[str, Any]:
     """The end-of-run summary (written to summary.json and printed as a table)."""
     fed, local = _final_accuracies(records), _final_accuracies(baseline)
-    teacher_acc = next(
+    server_acc = next(
         (r["teacher"]["accuracy"] for r in reversed(records) if "accuracy" in (r["teacher"] or {})),
         None,
     )
+    # the architecture table compares students with the teacher only where there is one
+    teacher_acc = server_acc if SERVER_STRATEGIES.get(config.strategy.name).uses_teacher else None
     students, local_stats = _stats(list(fed.values())), _stats(list(local.values()))
     gain = None
     if students and local_stats:
@@ -152,6 +166,7 @@ def summarize(
         )
     up = sum(r["bytes_up"] for r in records)
     down = sum(r["bytes_down"] for r in records)
+    fedavg = _fedavg_bytes(config, records, profiles)
     d = config.data
     return {
         "name": config.name,
@@ -168,12 +183,16 @@ def summarize(
             "local_only": local_stats,
             "gain_points": gain,
             "teacher": teacher_acc,
+            "server_model": server_acc,
         },
         "architectures": archs,
         "communication": {
             "bytes_up": up,
             "bytes_down": down,
             "bytes_per_round": (up + down) / max(len(records), 1),
+            "fedavg_bytes": fedavg,
+            "fedavg_bytes_per_round": fedavg / max(len(records), 1),
+            "share_of_fedavg": (up + down) / fedavg if fedavg else None,
         },
         "timing": timing,
         "failures": sum(len(r["failures"]) for r in records),

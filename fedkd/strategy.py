@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -209,9 +209,12 @@ class ClientNode:
         probs = torch.softmax(logits / temperature, dim=-1).float().numpy()
         return SoftLabels(np.asarray(idx, dtype=np.int64), probs)
 
-    def class_mean_logits(self) -> ClassLogits:
-        """Mean logit vector of this client's private samples of each class (FD)."""
+    def class_mean_logits(self, softmax: bool = False) -> ClassLogits:
+        """Mean logit vector (or, with ``softmax``, mean probability vector) of this
+        client's private samples of each class (FD)."""
         logits = predict_logits(self.model, self.x).double().cpu()
+        if softmax:
+            logits = torch.softmax(logits, dim=-1)
         y = self.y.cpu()
         c = self.num_classes
         sums = torch.zeros(c, c, dtype=torch.float64).index_add_(0, y, logits)
@@ -278,6 +281,14 @@ class ServerNode:
         """``model``'s logits on public samples ``idx``."""
         x = self.public_x[torch.as_tensor(idx, dtype=torch.long)]
         return Logits(np.asarray(idx, dtype=np.int64), predict_logits(model, x).numpy())
+
+    def soft_labels(
+        self, model: nn.Module, idx: np.ndarray, temperature: float = 1.0
+    ) -> SoftLabels:
+        """``model``'s softmax outputs (at ``temperature``) on public samples ``idx``."""
+        logits = self.logits(model, idx)
+        probs = torch.softmax(torch.from_numpy(logits.values).double() / temperature, dim=-1)
+        return SoftLabels(logits.idx, probs.float().numpy())
 
     def distill_into(
         self,
@@ -444,4 +455,8 @@ def client_strategy(config: Config, cid: int) -> ClientStrategy:
             return cls(make_params(cls.Params, spec.params, f"clients.strategies.{key}"))
     server_cls = SERVER_STRATEGIES.get(config.strategy.name)
     cls = server_cls.client_strategy
-    return cls(make_params(cls.Params, config.strategy.params, "strategy"))
+    params = config.strategy.params
+    if cls.Params is not server_cls.Params:  # e.g. feddf's clients run fedavg's client side
+        names = {f.name for f in fields(cls.Params)}
+        params = {k: v for k, v in params.items() if k in names}
+    return cls(make_params(cls.Params, params, "strategy"))

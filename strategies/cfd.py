@@ -1,16 +1,18 @@
-"""CFD, compressed federated distillation (Sattler et al., 2020, arXiv:2012.00632):
-soft labels quantized to a few bits in both directions.
+"""CFD, compressed federated distillation (Sattler et al., IEEE TNSE 2021,
+arXiv:2012.00632): soft labels quantized to a few bits, with dual distillation.
 
-Each round a client distils towards the server's (dequantized) aggregate soft
-labels on the public subset, trains on its private data, and uploads its softmax
-outputs on the round's public subset quantized to ``bits`` bits per entry
-(deterministic rounding to ``2**bits - 1`` levels, bit-packed). The server
-dequantizes and averages them, distils its model on the average, and broadcasts
-the average quantized to ``down_bits`` bits. Communication counts the packed size.
+Each round a client distils towards the server's soft labels on the public
+subset, trains on its private data, and uploads its softmax outputs on the
+round's public subset quantized to ``bits`` bits per entry (the paper's
+constrained uniform quantizer, see :class:`~fedkd.payloads.QuantizedSoftLabels`;
+bit-packed, and communication counts the packed size). The server averages the
+dequantized labels, distils its model on the average, and sends the server
+model's own soft labels on the next public subset, quantized to ``down_bits``
+(32: float32, unquantized; the paper's CFD-1-32 is ``bits = 1, down_bits = 32``).
 
-Deviations: no delta coding / entropy coding of successive soft labels (the
-paper's further compression), and no active selection of distillation data:
-the public subset per round is ``server.public_subset`` drawn at random.
+Deviations: no delta coding and arithmetic coding of successive soft labels (the
+paper's lossless further compression, which needs a fixed distillation subset);
+clients' students start from their own seeds, not one common initialisation.
 """
 
 from __future__ import annotations
@@ -34,16 +36,23 @@ from fedkd.strategy import (
 
 @dataclass(frozen=True)
 class CFDParams:
-    bits: int = 2  # upstream bits per soft-label entry
-    down_bits: int = 8  # downstream bits per entry
+    bits: int = 1  # upstream bits per soft-label entry (1 = one-hot argmax)
+    down_bits: int = 32  # downstream bits per entry; 32 = float32, unquantized
     distill_epochs: int = 2  # client epochs over the public subset per round
 
     def __post_init__(self) -> None:
-        for name in ("bits", "down_bits"):
-            if not 1 <= getattr(self, name) <= 16:
-                raise ConfigError(name, f"must be in 1..16, got {getattr(self, name)}")
+        if not 1 <= self.bits <= 16:
+            raise ConfigError("bits", f"must be in 1..16, got {self.bits}")
+        if not (1 <= self.down_bits <= 16 or self.down_bits == 32):
+            raise ConfigError("down_bits", f"must be in 1..16, or 32, got {self.down_bits}")
         if self.distill_epochs < 0:
             raise ConfigError("distill_epochs", f"must be >= 0, got {self.distill_epochs}")
+
+
+def as_soft_labels(payload: Payload | None) -> SoftLabels | None:
+    if isinstance(payload, QuantizedSoftLabels):
+        return payload.soft_labels()
+    return payload if isinstance(payload, SoftLabels) else None
 
 
 @CLIENT_STRATEGIES.register("cfd")
@@ -51,9 +60,8 @@ class CFDClient(ClientStrategy):
     Params = CFDParams
 
     def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
-        out = {}
-        if isinstance(targets, QuantizedSoftLabels) and self.params.distill_epochs:
-            labels = targets.soft_labels()
+        out, labels = {}, as_soft_labels(targets)
+        if labels is not None and self.params.distill_epochs:
             out["distill"] = node.distill_public(labels, epochs=self.params.distill_epochs)["kd"]
         out.update(node.train_private())
         return out
@@ -79,6 +87,11 @@ class CFDServer(ServerStrategy):
     def targets(
         self, server: ServerNode, aggregate: Payload | None, public_idx: np.ndarray
     ) -> Payload | None:
-        if not isinstance(aggregate, SoftLabels):
+        """The server model's soft labels on the next subset (dual distillation)."""
+        if aggregate is None:
             return None
-        return QuantizedSoftLabels.quantize(aggregate, self.params.down_bits)
+        assert server.teacher is not None
+        labels = server.soft_labels(server.teacher, public_idx)
+        if self.params.down_bits == 32:
+            return labels
+        return QuantizedSoftLabels.quantize(labels, self.params.down_bits)

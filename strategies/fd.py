@@ -1,17 +1,20 @@
 """FD, federated distillation (Jeong et al., 2018, arXiv:1811.11479): per-class mean
 logits, no public set.
 
-Each client sends, for every label, the mean logit vector of its private samples
-of that label. The server averages each label's vectors over the clients that
-hold the label. A client then trains with cross-entropy plus a distillation
-regulariser that pulls its logits on a private sample of label c towards the
-global mean logits of c, excluding its own contribution (the paper's
+Each client sends, for every label, the mean softmax output ("logit vector
+normalized by the softmax function" in the paper) of its private samples of that
+label. The server averages each label's vectors over the clients that hold the
+label. A client then trains with cross-entropy plus a distillation regulariser,
+the cross-entropy between its output on a private sample of label c and the
+global mean output for c excluding its own contribution (the paper's
 ``(sum_j F_j - F_i) / (M - 1)``). The server computes that leave-one-out mean per
-client, so each client downloads exactly one (classes x classes) matrix.
+client, so each client downloads one (classes x classes) matrix.
 
-Deviations: the regulariser is ``kd_weight``-mixed T^2-scaled KL at temperature
-``temperature`` between softmaxed logits (the paper leaves the distance open);
-``weighted = true`` averages by sample counts instead of per client.
+Deviations: the loss is ``(1 - kd_weight) * CE + kd_weight * KD`` (the paper's
+``CE + gamma * KD`` with ``gamma = kd_weight / (1 - kd_weight)``, up to the step
+size); KD is the KL divergence, which has the soft cross-entropy's gradients.
+Options beyond the paper: ``softmax = false`` exchanges raw mean logits (then KD is
+T^2-scaled KL at ``temperature``), ``weighted = true`` averages by sample counts.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from fedkd.config import ConfigError
-from fedkd.losses import SoftKL
+from fedkd.losses import ProbKL, SoftKL
 from fedkd.payloads import ClassLogits, Payload
 from fedkd.strategy import (
     CLIENT_STRATEGIES,
@@ -38,8 +41,9 @@ from fedkd.training import ClassKDTargets
 
 @dataclass(frozen=True)
 class FDParams:
-    temperature: float = 1.0
     kd_weight: float = 0.3  # weight of the regulariser; 1 - kd_weight goes to cross-entropy
+    softmax: bool = True  # exchange mean probabilities (paper); false: mean raw logits
+    temperature: float = 1.0  # KD temperature, used when softmax = false
     exclude_own: bool = True  # leave each client's own vectors out of its targets
     weighted: bool = False  # average per-class vectors by sample count, not per client
 
@@ -60,12 +64,12 @@ class FDClient(ClientStrategy):
             kd = ClassKDTargets(
                 torch.as_tensor(targets.means, dtype=torch.float32, device=node.device),
                 torch.as_tensor(targets.counts > 0, device=node.device),
-                SoftKL(self.params.temperature),
+                ProbKL() if self.params.softmax else SoftKL(self.params.temperature),
             )
         return node.train_private(kd=kd, kd_weight=self.params.kd_weight)
 
     def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload:
-        return node.class_mean_logits()
+        return node.class_mean_logits(softmax=self.params.softmax)
 
 
 def class_average(payloads: dict[int, ClassLogits], weighted: bool) -> tuple[np.ndarray, ...]:
