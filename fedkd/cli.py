@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="time fedkd against a plain PyTorch loop", add_help=False)
     b.add_argument("items", nargs="*", help="[--repeats N] [field.path=value ...]")
     args_list = sys.argv[1:] if argv is None else argv
+    if os.getcwd() not in sys.path:  # like `python -m`: a user's own modules load by import path
+        sys.path.insert(0, os.getcwd())
     if args_list[:1] == ["bench"]:  # the benchmark parses its own options
         return _bench(argparse.Namespace(items=args_list[1:]))
     sub.add_parser("list", help="list registered plug-ins").set_defaults(fn=_list)

@@ -254,7 +254,9 @@ def run(
         if cfg.baseline and cfg.strategy.name != "local":
             _say(quiet, "local-only baseline (same students, same budget, no federation)...")
             b0 = time.time()
-            local_cfg = load_config({**cfg.to_dict(), "strategy": {"name": "local"}})
+            d = cfg.to_dict()  # every client local and honest: no per-client strategies
+            d["clients"] = {**d["clients"], "strategies": {}}
+            local_cfg = load_config({**d, "strategy": {"name": "local"}})
             Federation(local_cfg, data).run(
                 InlineTransport(local_cfg, str(data_path)),
                 lambda r: (baseline.append(r), out.append("baseline.jsonl", r)),

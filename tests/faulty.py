@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedkd.payloads import Logits, Payload
+from fedkd.payloads import ClassLogits, Logits, Payload, SoftLabels
 from fedkd.strategy import ClientNode, Metrics, ServerNode
+from strategies.cronus import CronusClient
+from strategies.fd import FDClient
 from strategies.kd import KDClient, KDServer
 
 
@@ -35,3 +37,25 @@ class CrashingServer(KDServer):
         if server.round == 2:
             raise RuntimeError("server crashed on purpose")
         return super().aggregate(server, payloads)
+
+
+class WrongShapeClassLogits(FDClient):
+    """Sends per-class means with one class column missing."""
+
+    def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload:
+        payload = super().predict(node, public_idx)
+        assert isinstance(payload, ClassLogits)
+        return ClassLogits(payload.means[:, :-1].copy(), payload.counts)
+
+
+class WrongKindClient(KDClient):
+    """Sends logits to a server that accepts soft labels only."""
+
+
+class AdversarialSoftLabels(CronusClient):
+    """Poisons the public soft labels: all mass on a wrong class."""
+
+    def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload:
+        honest = node.public_probs(public_idx)
+        wrong = (honest.probs.argmax(1) + 1) % node.num_classes
+        return SoftLabels(honest.idx, np.eye(node.num_classes, dtype=np.float32)[wrong])
