@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["bench"]:  # the benchmark parses its own options
         return _bench(argparse.Namespace(items=args_list[1:]))
     sub.add_parser("list", help="list registered plug-ins").set_defaults(fn=_list)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(args_list)  # `run cfg.toml -q k=v`: items after -q
+    unknown = [r for r in rest if r.startswith("-") or not hasattr(args, "items")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.items = [*args.items, *rest]
     return args.fn(args)
 
 
