@@ -54,10 +54,10 @@ RoundCallback = Callable[[dict[str, Any]], None]
 def public_indices(config: Config, rnd: int) -> np.ndarray:
     """Public samples used in round ``rnd``: all, or a seeded subset of ``server.public_subset``."""
     n, k = config.data.public, config.server.public_subset
-    if k == 0 or k >= n:
-        return np.arange(n, dtype=np.int64)
+    if k == 0 or k >= n:  # int32: what travels, and public sets stay below 2**31 samples
+        return np.arange(n, dtype=np.int32)
     rng = np.random.default_rng(derive_seed(config.seed, "public", rnd))
-    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int32)
 
 
 def sample_clients(config: Config, rnd: int) -> list[int]:

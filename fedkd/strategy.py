@@ -207,7 +207,7 @@ class ClientNode:
         """The student's softmax outputs (at ``temperature``) on public samples ``idx``."""
         logits = torch.from_numpy(self.public_logits(idx)).double()
         probs = torch.softmax(logits / temperature, dim=-1).float().numpy()
-        return SoftLabels(np.asarray(idx, dtype=np.int64), probs)
+        return SoftLabels(np.asarray(idx), probs)
 
     def class_mean_logits(self, softmax: bool = False) -> ClassLogits:
         """Mean logit vector (or, with ``softmax``, mean probability vector) of this
@@ -280,7 +280,7 @@ class ServerNode:
     def logits(self, model: nn.Module, idx: np.ndarray) -> Logits:
         """``model``'s logits on public samples ``idx``."""
         x = self.public_x[torch.as_tensor(idx, dtype=torch.long)]
-        return Logits(np.asarray(idx, dtype=np.int64), predict_logits(model, x).numpy())
+        return Logits(np.asarray(idx), predict_logits(model, x).numpy())
 
     def soft_labels(
         self, model: nn.Module, idx: np.ndarray, temperature: float = 1.0

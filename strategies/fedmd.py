@@ -7,7 +7,9 @@ labelled public set for ``transfer_epochs``, then on the private set for
 scores (logits) on the round's public subset (``server.public_subset``); the
 server averages them into the consensus; *digest* — each client trains its logits
 towards the consensus on that subset (``digest_epochs``, L1 loss on logits as in
-the authors' code); *revisit* — ``revisit_epochs`` on its private data.
+the authors' code); *revisit* — ``revisit_epochs`` on its private data (by
+default ``clients.local_epochs``, the same private budget as every other strategy;
+the authors' code uses 2-4).
 
 Deviations: in our message order a client digests the consensus of round r at
 the start of round r+1, immediately followed by the revisit and the next
@@ -41,13 +43,13 @@ class FedMDParams:
     transfer_epochs: int = 2  # labelled public set, once, before round 1
     private_epochs: int = 3  # private set, once, after the public-set transfer
     digest_epochs: int = 1  # towards the consensus on the public subset, each round
-    revisit_epochs: int = 1  # private set, each round
+    revisit_epochs: int | None = None  # private set, each round; None: clients.local_epochs
     loss: str = "mae"  # digest loss on logits ("mae" in the authors' code; or mse, soft_kl)
     temperature: float = 1.0  # only used if loss = "soft_kl"
 
     def __post_init__(self) -> None:
         for name in ("transfer_epochs", "private_epochs", "digest_epochs", "revisit_epochs"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         try:
             KD_LOSSES.get(self.loss)
