@@ -9,7 +9,8 @@ from fedkd.payloads import PAYLOADS, Payload
 
 
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    # np.asarray(order="C"), not ascontiguousarray: 0-d buffers must stay 0-d
+    return ArrayRecord({name: Array(np.asarray(a, order="C")) for name, a in arrays.items()})
 
 
 def payload_to_record(payload: Payload) -> ArrayRecord:
