@@ -83,22 +83,15 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in rows:
-        left.plot(
-            range(1, len(r["curve"]) + 1),
-            [100 * v for v in r["curve"]],
-            "o-",
-            ms=3,
-            label=r["algorithm"],
-        )
+    for i, r in enumerate(rows):
+        color = f"C{i % 10}"  # one colour per algorithm in both panels
+        curve = [100 * v for v in r["curve"]]
+        left.plot(range(1, len(curve) + 1), curve, "o-", ms=3, color=color, label=r["algorithm"])
         if r["bytes_per_round"] > 0:
-            right.scatter(r["bytes_per_round"] / 1024, 100 * r["students_mean"])
+            xy = (r["bytes_per_round"] / 1024, 100 * r["students_mean"])
+            right.scatter(*xy, color=color)
             right.annotate(
-                r["algorithm"],
-                (r["bytes_per_round"] / 1024, 100 * r["students_mean"]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=8,
+                r["algorithm"], xy, textcoords="offset points", xytext=(4, 4), fontsize=8
             )
     left.set(xlabel="round", ylabel="student test accuracy, mean (%)", title="accuracy per round")
     left.legend(fontsize=8)
