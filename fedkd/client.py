@@ -20,7 +20,7 @@ from fedkd.data import load_federated_data
 from fedkd.models import build_model
 from fedkd.payloads import Payload
 from fedkd.seeding import derive_seed, torch_generator
-from fedkd.strategy import ClientNode, client_strategy
+from fedkd.strategy import ClientNode, client_strategy, server_strategy
 from fedkd.training import make_optimizer, to_tensor
 
 
@@ -56,6 +56,10 @@ class ClientRuntime:
         self.config = config
         self.data = load_federated_data(data_path)
         self.device = resolve_device(config)
+        # resolve every strategy once: imports users' modules, registering their payload kinds
+        server_strategy(config)
+        for cid in range(config.clients.count):
+            client_strategy(config, cid)
         torch.set_num_threads(config.simulation.threads)
 
     def warm_up(self) -> None:

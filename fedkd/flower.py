@@ -46,13 +46,14 @@ def make_client_app(config: Config, data_path: str) -> ClientApp:
         content = msg.content
         rnd = int(content.config_records["config"]["round"])
         idx = content.array_records["query"]["public_idx"].numpy()
+        runtime = get_runtime(config, data_path)  # imports user strategies (and their payloads)
         targets = None
         if "targets" in content.array_records:
             kind = str(content.config_records["config"]["targets_kind"])
             targets = record_to_payload(kind, content.array_records["targets"])
         saved = context.state.config_records.get(STATE_KEY)
         state = bytes(saved["blob"]) if saved is not None else None
-        reply, new_state = get_runtime(config, data_path).fit(cid, rnd, state, targets, idx)
+        reply, new_state = runtime.fit(cid, rnd, state, targets, idx)
         context.state.config_records[STATE_KEY] = ConfigRecord({"blob": new_state})
         out = RecordDict(
             {

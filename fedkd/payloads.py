@@ -25,6 +25,9 @@ class Payload(ABC):
     """Base of every payload type; subclasses are dataclasses of NumPy arrays."""
 
     kind: ClassVar[str]
+    #: fields not counted in ``nbytes``: public indices, which both sides derive from
+    #: the run seed and the round (they travel in the simulation only for validation)
+    derived: ClassVar[tuple[str, ...]] = ()
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The payload's arrays by field name (what travels)."""
@@ -40,8 +43,9 @@ class Payload(ABC):
 
     @property
     def nbytes(self) -> int:
-        """Bytes on the wire (array data; framing overhead not counted)."""
-        return int(sum(a.nbytes for a in self.arrays().values()))
+        """Bytes a deployment would send: array data, minus ``derived`` fields
+        (framing overhead not counted)."""
+        return int(sum(a.nbytes for k, a in self.arrays().items() if k not in self.derived))
 
     @abstractmethod
     def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
@@ -53,7 +57,8 @@ class Payload(ABC):
 
 
 PAYLOADS: Registry[type[Payload]] = Registry(
-    "payload", check=lambda c: isinstance(c, type) and issubclass(c, Payload)
+    "payload",  # a payload class must name its ``kind`` (what the wire calls it)
+    check=lambda c: isinstance(c, type) and issubclass(c, Payload) and bool(getattr(c, "kind", "")),
 )
 
 
@@ -79,6 +84,7 @@ class Logits(Payload):
     idx: np.ndarray
     values: np.ndarray
     kind: ClassVar[str] = "logits"
+    derived: ClassVar[tuple[str, ...]] = ("idx",)
 
     def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
         _check_idx(self.idx, public_idx)
@@ -111,6 +117,7 @@ class SoftLabels(Payload):
     idx: np.ndarray
     probs: np.ndarray
     kind: ClassVar[str] = "soft_labels"
+    derived: ClassVar[tuple[str, ...]] = ("idx",)
 
     def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
         _check_idx(self.idx, public_idx)
@@ -183,6 +190,7 @@ class QuantizedSoftLabels(Payload):
     packed: np.ndarray  # uint8, ceil(rows * classes * bits / 8) bytes
     meta: np.ndarray  # int32 [bits, rows, classes]
     kind: ClassVar[str] = "quantized_soft_labels"
+    derived: ClassVar[tuple[str, ...]] = ("idx",)
 
     @classmethod
     def quantize(cls, labels: SoftLabels, bits: int) -> QuantizedSoftLabels:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fedkd.client import FitReply, student_spec
+from fedkd.client import FitReply, resolve_device, student_spec
 from fedkd.config import Config
 from fedkd.data import FederatedData
 from fedkd.models import build_model
@@ -78,24 +78,26 @@ class Federation:
         self.data = data
         self.strategy = strategy or server_strategy(config)
         teacher = optimizer = None
+        device = resolve_device(config)
         if self.strategy.uses_teacher:
             teacher = build_model(
                 config.server.teacher,
                 data.input_shape,
                 data.num_classes,
                 seed=derive_seed(config.seed, "teacher"),
-            )
+            ).to(device)
             optimizer = make_optimizer(config.server.optimizer, teacher, config.server.lr)
         self.server = ServerNode(
             round=0,
             teacher=teacher,
             optimizer=optimizer,
-            public_x=to_tensor(data.public_x),
-            test_x=to_tensor(data.test_x),
-            test_y=to_tensor(data.test_y),
+            public_x=to_tensor(data.public_x, device),
+            test_x=to_tensor(data.test_x, device),
+            test_y=to_tensor(data.test_y, device),
             num_classes=data.num_classes,
             config=config,
             generator=torch_generator(config.seed, "server", 0),
+            device=device,
         )
 
     def _check(self, reply: FitReply, public_idx: np.ndarray) -> str | None:
@@ -116,7 +118,10 @@ class Federation:
 
     def _sample(self, rnd: int) -> list[int]:
         count = self.config.clients.count
-        cids = self.strategy.sample(self.server, count)
+        cids = [
+            int(c) if isinstance(c, (int, np.integer)) else c
+            for c in self.strategy.sample(self.server, count)
+        ]
         bad = [c for c in cids if not (isinstance(c, int) and 0 <= c < count)]
         if bad or len(set(cids)) != len(cids) or not cids:
             raise RuntimeError(
@@ -144,26 +149,34 @@ class Federation:
                 cids = self._sample(rnd)
                 requests = {cid: strategy.client_targets(server, cid, targets) for cid in cids}
                 query = idx if strategy.clients_use_public else idx[:0]
-                down = {
-                    cid: (req.nbytes if req is not None else 0) + query.nbytes
-                    for cid, req in requests.items()
-                }
+                # the round's public indices are a seeded function of (seed, round) that both
+                # sides can compute: they travel here for validation but are not counted
+                down = {cid: req.nbytes if req is not None else 0 for cid, req in requests.items()}
                 replies = transport.fit(rnd, requests, query)
                 clients: dict[str, dict[str, Any]] = {}
                 failures, payloads = [], {}
                 for cid in cids:
                     reply = replies.get(cid, Failure(cid, "no reply"))
+                    up = 0
+                    if isinstance(reply, FitReply):
+                        up = reply.payload.nbytes if reply.payload is not None else 0
+                        server.num_examples[cid] = int(reply.metrics["num_examples"])
                     problem = (
                         reply.error if isinstance(reply, Failure) else self._check(reply, query)
                     )
                     if problem is not None:
                         log.warning("round %d: client %d failed: %s", rnd, cid, problem)
-                        failures.append({"client": cid, "error": problem})
+                        failures.append(
+                            {
+                                "client": cid,
+                                "error": problem,
+                                "bytes_up": up,
+                                "bytes_down": down[cid],
+                            }
+                        )
                         continue
-                    up = reply.payload.nbytes if reply.payload is not None else 0
                     if reply.payload is not None:
                         payloads[cid] = reply.payload
-                    server.num_examples[cid] = int(reply.metrics["num_examples"])
                     clients[str(cid)] = {
                         "model": str(student_spec(cfg, cid)),
                         **reply.metrics,
@@ -188,7 +201,9 @@ class Federation:
                         "max": float(np.max(accs)) if accs else None,
                         "count": len(accs),
                     },
-                    "bytes_up": int(sum(c["bytes_up"] for c in clients.values())),
+                    "bytes_up": int(  # rejected payloads travelled too
+                        sum(c["bytes_up"] for c in [*clients.values(), *failures])
+                    ),
                     "bytes_down": int(sum(down.values())),
                     "clients": clients,
                     "failures": failures,

@@ -142,6 +142,18 @@ class ClientNode:
         """Pair server targets with this client's copy of the public inputs."""
         return public_kd_targets(self.public_x, targets, temperature, loss)
 
+    def class_kd_targets(
+        self, targets: ClassLogits, temperature: float = 1.0, loss: str = "soft_kl"
+    ) -> ClassKDTargets:
+        """Per-class targets for :meth:`train_private`; ``loss="prob_kl"`` when the rows
+        are mean probabilities rather than mean logits."""
+        kwargs = {"temperature": temperature} if loss in ("soft_kl", "prob_kl") else {}
+        return ClassKDTargets(
+            torch.as_tensor(targets.means, dtype=torch.float32, device=self.device),
+            torch.as_tensor(targets.counts > 0, device=self.device),
+            KD_LOSSES.get(loss)(**kwargs),
+        )
+
     def train_on(
         self,
         x: torch.Tensor,
@@ -168,16 +180,20 @@ class ClientNode:
         self,
         *,
         epochs: int | None = None,
-        kd: Logits | SoftLabels | ClassKDTargets | None = None,
+        kd: Logits | SoftLabels | ClassLogits | None = None,
         kd_weight: float = 0.0,
         temperature: float = 1.0,
         loss: str | None = None,
     ) -> Metrics:
         """Local epochs (default ``clients.local_epochs``) of cross-entropy on private
-        data, mixed with distillation towards ``kd`` (public targets or per-class)."""
-        targets = kd
+        data, mixed with distillation towards ``kd``: targets on public samples
+        (``Logits``, ``SoftLabels``), or per-class targets on the private samples
+        themselves (``ClassLogits``; classes with count 0 get no KD term)."""
+        targets: KDTargets | ClassKDTargets | None = None
         if isinstance(kd, (Logits, SoftLabels)):
             targets = self.kd_targets(kd, temperature, loss)
+        elif isinstance(kd, ClassLogits):
+            targets = self.class_kd_targets(kd, temperature, loss or "soft_kl")
         return self.train_on(self.x, self.y, epochs=epochs, kd=targets, kd_weight=kd_weight)
 
     def distill_public(
@@ -255,6 +271,8 @@ class ServerNode:
     generator: torch.Generator
     num_examples: dict[int, int] = field(default_factory=dict)  # private-set size per client
     public_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # this round
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    teacher_updates: int = 0  # rounds in which distill_teacher ran
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -271,7 +289,7 @@ class ServerNode:
         """A fresh model of ``spec`` for this task, seeded from the experiment seed."""
         shape = tuple(self.public_x.shape[1:])
         seed = derive_seed(self.config.seed, f"{seed_key}:{spec}")
-        return build_model(spec, shape, self.num_classes, seed=seed)
+        return build_model(spec, shape, self.num_classes, seed=seed).to(self.device)
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """``server.optimizer`` at ``server.lr`` for ``model``."""
@@ -279,8 +297,8 @@ class ServerNode:
 
     def logits(self, model: nn.Module, idx: np.ndarray) -> Logits:
         """``model``'s logits on public samples ``idx``."""
-        x = self.public_x[torch.as_tensor(idx, dtype=torch.long)]
-        return Logits(np.asarray(idx), predict_logits(model, x).numpy())
+        x = self.public_x[torch.as_tensor(idx, dtype=torch.long, device=self.device)]
+        return Logits(np.asarray(idx), predict_logits(model, x).cpu().numpy())
 
     def soft_labels(
         self, model: nn.Module, idx: np.ndarray, temperature: float = 1.0
@@ -315,6 +333,7 @@ class ServerNode:
         """``server.epochs`` of distillation of the teacher towards ``targets``."""
         if self.teacher is None or self.optimizer is None:
             raise RuntimeError("this strategy declared uses_teacher = False")
+        self.teacher_updates += 1
         return self.distill_into(self.teacher, self.optimizer, targets, temperature=temperature)
 
     def teacher_logits(self, idx: np.ndarray) -> Logits:
@@ -446,14 +465,21 @@ def server_strategy(config: Config) -> ServerStrategy:
 
 
 def client_strategy(config: Config, cid: int) -> ClientStrategy:
-    """Client ``cid``'s strategy: an explicit ``clients.strategies`` range, else the default."""
+    """Client ``cid``'s strategy: an explicit ``clients.strategies`` range, else the default.
+
+    An explicit entry whose ``Params`` class is the server strategy's takes the
+    ``[strategy]`` parameters as defaults for the ones it does not set.
+    """
     from fedkd.config import parse_id_range
 
+    server_cls = SERVER_STRATEGIES.get(config.strategy.name)
     for key, spec in config.clients.strategies.items():
         if cid in parse_id_range(key, config.clients.count, "clients.strategies"):
             cls = CLIENT_STRATEGIES.get(spec.name)
-            return cls(make_params(cls.Params, spec.params, f"clients.strategies.{key}"))
-    server_cls = SERVER_STRATEGIES.get(config.strategy.name)
+            params = spec.params
+            if cls.Params is server_cls.Params:  # same family: [strategy] params are defaults
+                params = {**config.strategy.params, **spec.params}
+            return cls(make_params(cls.Params, params, f"clients.strategies.{key}"))
     cls = server_cls.client_strategy
     params = config.strategy.params
     if cls.Params is not server_cls.Params:  # e.g. feddf's clients run fedavg's client side

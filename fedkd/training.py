@@ -83,8 +83,10 @@ def train_supervised(
             kd_loss = None
             if isinstance(kd, ClassKDTargets) and kd_weight > 0:
                 keep = kd.valid[y[rows]]
-                if bool(keep.any()):
-                    kd_loss = kd.loss(out[keep], kd.logits[y[rows][keep]])
+                kd_loss = out.new_zeros(())  # same CE weight whether or not a batch has targets
+                if bool(keep.any()):  # batch mean over all samples, zero where no target
+                    share = keep.float().mean()
+                    kd_loss = share * kd.loss(out[keep], kd.logits[y[rows][keep]])
             elif kd is not None and kd_weight > 0:
                 pick = torch.randint(len(kd.logits), (len(rows),), generator=generator)
                 kd_loss = kd.loss(model(kd.x[pick]), kd.logits[pick])
@@ -128,7 +130,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
     """Logits of ``model`` on ``x`` in eval mode (does not change the model)."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(chunk) for chunk in x.split(batch_size)]) if len(x) else x.new_zeros(0)
+    # an empty input still gives (0, classes): the model runs on the empty batch
+    out = torch.cat([model(chunk) for chunk in x.split(batch_size)]) if len(x) else model(x)
     model.train(was_training)
     return out
 

@@ -88,8 +88,8 @@ class CFDServer(ServerStrategy):
         self, server: ServerNode, aggregate: Payload | None, public_idx: np.ndarray
     ) -> Payload | None:
         """The server model's soft labels on the next subset (dual distillation)."""
-        if aggregate is None:
-            return None
+        if server.teacher_updates == 0:
+            return None  # nothing learned yet: an untrained model is no target
         assert server.teacher is not None
         labels = server.soft_labels(server.teacher, public_idx)
         if self.params.down_bits == 32:

@@ -12,8 +12,13 @@ Clients train on their private data mixed with the public set labelled by the
 robust aggregate (``kd_weight``).
 
 Deviations: the filter's threshold is a fixed eigenvalue bound instead of one
-derived from an assumed honest covariance; the paper's initial local-only phase
-is the first round (no targets yet).
+derived from an assumed honest covariance. Honest non-IID clients often disagree
+beyond the default bound, so the filter then drops up to ``max_outlier_fraction``
+of the vectors on such samples and acts like a trimmed mean (the per-client
+``filtered/<cid>`` shares in the round metrics show how often each client was
+dropped). The paper's initial local-only phase is the first round (no targets yet).
+Unverified against the paper's text: the exact filter thresholds and the loss on
+the public soft labels (KL here, which has the soft cross-entropy's gradients).
 """
 
 from __future__ import annotations

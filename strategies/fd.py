@@ -22,10 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from fedkd.config import ConfigError
-from fedkd.losses import ProbKL, SoftKL
 from fedkd.payloads import ClassLogits, Payload
 from fedkd.strategy import (
     CLIENT_STRATEGIES,
@@ -36,7 +34,6 @@ from fedkd.strategy import (
     ServerNode,
     ServerStrategy,
 )
-from fedkd.training import ClassKDTargets
 
 
 @dataclass(frozen=True)
@@ -59,14 +56,13 @@ class FDClient(ClientStrategy):
     Params = FDParams
 
     def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
-        kd = None
-        if isinstance(targets, ClassLogits):
-            kd = ClassKDTargets(
-                torch.as_tensor(targets.means, dtype=torch.float32, device=node.device),
-                torch.as_tensor(targets.counts > 0, device=node.device),
-                ProbKL() if self.params.softmax else SoftKL(self.params.temperature),
-            )
-        return node.train_private(kd=kd, kd_weight=self.params.kd_weight)
+        p = self.params
+        return node.train_private(
+            kd=targets if isinstance(targets, ClassLogits) else None,
+            kd_weight=p.kd_weight,
+            temperature=1.0 if p.softmax else p.temperature,
+            loss="prob_kl" if p.softmax else "soft_kl",
+        )
 
     def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload:
         return node.class_mean_logits(softmax=self.params.softmax)
@@ -105,7 +101,7 @@ class FDServer(ServerStrategy):
 
     def client_targets(self, server: ServerNode, cid: int, targets: Payload | None):
         """The global per-class means without client ``cid``'s own last contribution."""
-        if not self.params.exclude_own or "fd" not in server.state:
+        if targets is None or not self.params.exclude_own or "fd" not in server.state:
             return targets
         sums, mass, received = server.state["fd"]
         own = received.get(cid)

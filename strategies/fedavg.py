@@ -63,12 +63,19 @@ class FedAvgServer(ServerStrategy):
     def setup(self, server: ServerNode) -> None:
         server.state["model"] = server.build_model(server.student_spec(0))
 
+    def _global(self, server: ServerNode) -> Weights:
+        """The global model's weights, extracted once per round (one copy for all clients)."""
+        if server.state.get("sent_round") != server.round:
+            server.state["sent"] = model_weights(server.state["model"])
+            server.state["sent_round"] = server.round
+        return server.state["sent"]
+
     def client_targets(self, server: ServerNode, cid: int, targets: Payload | None) -> Payload:
-        return model_weights(server.state["model"])
+        return self._global(server)
 
     def check_payload(self, server: ServerNode, cid: int, payload: Payload) -> None:
         assert isinstance(payload, Weights)
-        payload.check_like(model_weights(server.state["model"]))
+        payload.check_like(self._global(server))
 
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
         weights = [p for p in payloads.values() if isinstance(p, Weights)]

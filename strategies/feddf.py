@@ -60,12 +60,20 @@ class FedDFServer(ServerStrategy):
             models[arch] = server.build_model(server.student_spec(cid))
         return models[arch]
 
+    def _sent(self, server: ServerNode, cid: int) -> Weights:
+        """Client ``cid``'s prototype weights, extracted once per round and architecture."""
+        arch = str(server.student_spec(cid))
+        sent = server.state.setdefault("sent", {})
+        if sent.get(arch, (None,))[0] != server.round:
+            sent[arch] = (server.round, model_weights(self._prototype(server, cid)))
+        return sent[arch][1]
+
     def client_targets(self, server: ServerNode, cid: int, targets: Payload | None) -> Payload:
-        return model_weights(self._prototype(server, cid))
+        return self._sent(server, cid)
 
     def check_payload(self, server: ServerNode, cid: int, payload: Payload) -> None:
         assert isinstance(payload, Weights)
-        payload.check_like(model_weights(self._prototype(server, cid)))
+        payload.check_like(self._sent(server, cid))
 
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
         """Average weights per architecture; return the ensemble's mean public logits."""

@@ -64,13 +64,14 @@ class KDClient(ClientStrategy):
 class KDServer(ServerStrategy):
     Params = KDParams
     client_strategy = KDClient
+    accepts = (Logits,)
 
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
-        logits = [p for p in payloads.values() if isinstance(p, Logits)]
+        logits = {cid: p for cid, p in payloads.items() if isinstance(p, Logits)}
         weights = None
         if self.params.weighted:
-            weights = [server.num_examples[cid] for cid in payloads]
-        return Logits.mean(logits, weights)
+            weights = [server.num_examples[cid] for cid in logits]
+        return Logits.mean(list(logits.values()), weights)
 
     def distill(self, server: ServerNode, aggregate: Payload) -> Metrics:
         assert isinstance(aggregate, Logits)
@@ -81,4 +82,6 @@ class KDServer(ServerStrategy):
     ) -> Payload | None:
         if self.params.targets == "ensemble":
             return aggregate
+        if server.teacher_updates == 0:
+            return None  # nothing learned yet: an untrained teacher is no target
         return server.teacher_logits(public_idx)

@@ -66,3 +66,28 @@ def test_user_strategy_from_outside_the_package_runs_under_flower(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["clients"]) == 5 for r in records)
     assert records[-1]["teacher"]["accuracy"] > 0.15
+
+
+@pytest.mark.simulation
+def test_user_payload_kind_travels_both_ways_under_flower(tmp_path):
+    import fedkd
+    from fedkd.config import load_config
+    from tests.conftest import SMALL
+
+    cfg = load_config(
+        None,
+        [
+            *SMALL,
+            "rounds=2",
+            "baseline=false",
+            f"output_dir={tmp_path}",
+            "strategy.name=tests.custom_payload:PluralityServer",
+        ],
+    )
+    result = fedkd.run(cfg, quiet=True)
+    assert result.summary["status"] == "completed"
+    for r in result.rounds:
+        assert r["failures"] == [] and r["students"]["count"] == 4
+        # 400 public samples x int16 per client (indices are derived, not counted)
+        assert all(c["bytes_up"] == 400 * 2 for c in r["clients"].values())
+    assert [r["bytes_down"] for r in result.rounds] == [4 * 400 * 2] * 2  # votes both rounds

@@ -73,9 +73,11 @@ def test_logits_registered_as_payload_kind():
 
 def test_nbytes_counts_array_data():
     p = make_logits(n=7, c=10)
-    assert p.nbytes == p.idx.nbytes + p.values.nbytes == 7 * 8 + 7 * 10 * 4
+    # public indices are derived from (seed, round) on both sides: not counted
+    assert Logits.derived == ("idx",)
+    assert p.nbytes == p.values.nbytes == 7 * 10 * 4
     half = Logits(p.idx.astype(np.int32), p.values.astype(np.float16))
-    assert half.nbytes == 7 * 4 + 7 * 10 * 2
+    assert half.nbytes == 7 * 10 * 2
     assert isinstance(p.nbytes, int)
 
 

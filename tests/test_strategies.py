@@ -329,12 +329,12 @@ def test_cfd_client_predict_quantizes_its_softmax_outputs():
     payload.validate(num_classes=C, public_idx=idx)
     probs = softmax(forward(node.model, node.public_x[idx]))
     assert np.abs(payload.dequantize() - probs).max() < 1 / 3  # 3 levels at 2 bits
-    # 10 rows x 3 classes x 2 bits = 60 bits -> 8 bytes; 10 int32 indices; 3 int32 meta
-    assert payload.nbytes == 8 + 40 + 12
+    # 10 rows x 3 classes x 2 bits = 60 bits -> 8 bytes; 3 int32 meta (indices: derived)
+    assert payload.nbytes == 8 + 12
     one_bit = CFDClient(CFDParams(bits=1)).predict(node, idx)  # one-hot argmax
     np.testing.assert_array_equal(one_bit.dequantize().argmax(1), probs.argmax(1))
     np.testing.assert_array_equal(one_bit.dequantize().sum(1), 1)
-    assert one_bit.nbytes == math.ceil(30 / 8) + 40 + 12
+    assert one_bit.nbytes == math.ceil(30 / 8) + 12
 
 
 def test_cfd_aggregate_is_the_mean_of_dequantized_renormalized_labels():
@@ -364,6 +364,8 @@ def test_cfd_targets_are_the_server_models_labels_at_down_bits(down_bits):
     agg = SoftLabels(np.arange(3), np.full((3, C), 1 / C, np.float32))
     next_idx = np.array([5, 6, 40, 41], np.int64)
     assert strategy.targets(server, None, next_idx) is None
+    assert strategy.targets(server, agg, next_idx) is None  # teacher never distilled yet
+    server.teacher_updates = 1  # as after a round's distill_teacher
     targets = strategy.targets(server, agg, next_idx)
     probs = softmax(forward(server.teacher, server.public_x[next_idx]))
     if down_bits == 32:  # float32, unquantized
@@ -375,7 +377,7 @@ def test_cfd_targets_are_the_server_models_labels_at_down_bits(down_bits):
     np.testing.assert_array_equal(targets.meta, [down_bits, 4, C])
     targets.validate(num_classes=C, public_idx=next_idx)
     assert np.abs(targets.dequantize() - probs).max() < 1 / (2**down_bits - 1)
-    assert targets.nbytes == 4 * 4 + math.ceil(4 * C * down_bits / 8) + 12
+    assert targets.nbytes == math.ceil(4 * C * down_bits / 8) + 12
 
 
 def test_cfd_aggregate_distills_the_server_model():
