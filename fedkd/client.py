@@ -19,6 +19,9 @@ from fedkd.config import Config, Spec, parse_id_range
 from fedkd.data import load_federated_data
 from fedkd.models import build_model
 from fedkd.payloads import Payload
+from fedkd.privacy.accounting import accountant_epsilon
+from fedkd.privacy.dpsgd import HISTORY_KEY
+from fedkd.privacy.noise import NoiseSource
 from fedkd.seeding import derive_seed, torch_generator
 from fedkd.strategy import ClientNode, client_strategy, server_strategy
 from fedkd.training import make_optimizer, to_tensor
@@ -98,6 +101,10 @@ class ClientRuntime:
             self.data.num_classes,
             seed=derive_seed(cfg.seed, "student", cid),
         ).to(self.device)
+        if cfg.privacy.mechanism == "dpsgd":
+            from fedkd.privacy.dpsgd import make_compatible
+
+            model = make_compatible(model)
         optimizer = make_optimizer(cfg.clients.optimizer, model, cfg.clients.lr)
         extra: dict[str, Any] = {}
         if state is not None:
@@ -122,13 +129,34 @@ class ClientRuntime:
             generator=torch_generator(cfg.seed, "client", rnd, cid),
             device=dev,
             state=extra,
+            privacy=cfg.privacy if cfg.privacy.mechanism != "none" else None,
+            seed=cfg.seed,
         )
         strategy = client_strategy(cfg, cid)
         if state is None:
             strategy.setup(node)
         metrics = {f"train_{k}": float(v) for k, v in strategy.train(node, targets).items()}
         payload = strategy.predict(node, public_idx)
+        privacy = cfg.privacy
+        if HISTORY_KEY in node.state:  # DP-SGD: this client's accountant, over all its rounds
+            history = node.state[HISTORY_KEY]
+            metrics["dp_steps"] = float(sum(h[2] for h in history))
+            metrics["epsilon"] = accountant_epsilon(history, privacy.delta, privacy.accountant)
+        if (
+            payload is not None
+            and privacy.mechanism == "client_gaussian"
+            and privacy.mode == "local"
+        ):
+            from fedkd.privacy.payload import local_release
+
+            noise = NoiseSource(cfg.seed, privacy.secure_noise)
+            sigma = privacy.noise_multiplier
+            payload = local_release(payload, privacy.clip, sigma, noise, rnd, cid)
         metrics.update(node.evaluate())
+        if privacy.audit:
+            from fedkd.privacy.audit import loss_attack
+
+            metrics.update(loss_attack(node.model, (node.x, node.y), (node.test_x, node.test_y)))
         metrics["num_examples"] = float(node.num_examples)
         metrics["seconds"] = time.perf_counter() - start
         buf = io.BytesIO()

@@ -157,6 +157,41 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy for what clients share or train (see :mod:`fedkd.privacy`)."""
+
+    # none | client_gaussian (client-level, on shared payloads) | dpsgd (record-level, Opacus)
+    mechanism: str = "none"
+    mode: str = "central"  # client_gaussian: central (server adds noise) | local (clients do)
+    clip: float = 1.0  # client_gaussian: L2 bound C on each client's payload per round
+    noise_multiplier: float = 1.0  # sigma: noise std / sensitivity (client_gaussian, dpsgd)
+    max_grad_norm: float = 1.0  # dpsgd: per-sample gradient clipping bound
+    delta: float = 1e-5  # epsilon is reported at this delta
+    target_epsilon: float = 0.0  # budget: stop before exceeding it; 0 = no budget
+    accountant: str = "rdp"  # rdp | prv (Opacus accountants)
+    secure_noise: bool = False  # draw noise from the OS CSPRNG (not reproducible)
+    audit: bool = True  # membership-inference audit of each student at the last round
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in ("none", "client_gaussian", "dpsgd"):
+            raise ConfigError(
+                "mechanism",
+                f"must be none, client_gaussian or dpsgd, got {self.mechanism!r} "
+                "(PATE is the 'pate' strategy)",
+            )
+        if self.mode not in ("central", "local"):
+            raise ConfigError("mode", f"must be central or local, got {self.mode!r}")
+        _positive("clip", self.clip)
+        _positive("noise_multiplier", self.noise_multiplier)
+        _positive("max_grad_norm", self.max_grad_norm)
+        if not 0 < self.delta < 1:
+            raise ConfigError("delta", f"must be in (0, 1), got {self.delta!r}")
+        _positive("target_epsilon", self.target_epsilon, strict=False)
+        if self.accountant not in ("rdp", "prv"):
+            raise ConfigError("accountant", f"must be rdp or prv, got {self.accountant!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     """One experiment. The defaults are the quick-start experiment."""
 
@@ -176,6 +211,7 @@ class Config:
         )
     )
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         if self.rounds < 0:

@@ -296,3 +296,24 @@ class Weights(Payload):
             else:
                 out[name] = first.copy()
         return Weights(out)
+
+
+@PAYLOADS.register("votes")
+@dataclass(frozen=True)
+class Votes(Payload):
+    """Hard labels (one class id per public sample ``idx``), e.g. PATE's teacher votes."""
+
+    idx: np.ndarray
+    labels: np.ndarray  # int16
+    kind: ClassVar[str] = "votes"
+    derived: ClassVar[tuple[str, ...]] = ("idx",)
+
+    def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
+        _check_idx(self.idx, public_idx)
+        if self.labels.shape != self.idx.shape or not np.issubdtype(self.labels.dtype, np.integer):
+            raise PayloadError(
+                f"labels must be integers of shape {self.idx.shape}, "
+                f"got {self.labels.dtype}{self.labels.shape}"
+            )
+        if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < num_classes:
+            raise PayloadError(f"labels must lie in 0..{num_classes - 1}")

@@ -23,6 +23,9 @@ from fedkd.config import Config
 from fedkd.data import FederatedData
 from fedkd.models import build_model
 from fedkd.payloads import Payload, PayloadError
+from fedkd.privacy.accounting import PrivacyLedger
+from fedkd.privacy.noise import NoiseSource
+from fedkd.privacy.payload import central_mean
 from fedkd.seeding import derive_seed, torch_generator
 from fedkd.strategy import ServerNode, ServerStrategy, server_strategy
 from fedkd.training import make_optimizer, to_tensor
@@ -98,7 +101,10 @@ class Federation:
             config=config,
             generator=torch_generator(config.seed, "server", 0),
             device=device,
+            privacy=PrivacyLedger(config, {c: len(part) for c, part in enumerate(data.parts)}),
         )
+        self.noise = NoiseSource(config.seed, config.privacy.secure_noise)
+        self.stopped: str | None = None  # why the run ended early (privacy budget)
 
     def _check(self, reply: FitReply, public_idx: np.ndarray) -> str | None:
         """Why this reply's payload cannot be aggregated (None: it can)."""
@@ -147,6 +153,12 @@ class Federation:
                 server.generator = torch_generator(cfg.seed, "server", rnd)
                 torch.manual_seed(derive_seed(cfg.seed, "server-global", rnd))
                 cids = self._sample(rnd)
+                assert server.privacy is not None
+                reason = server.privacy.stop_reason(rnd, cids)
+                if reason is not None:
+                    log.warning("stopping before round %d: %s", rnd, reason)
+                    self.stopped = reason
+                    break
                 requests = {cid: strategy.client_targets(server, cid, targets) for cid in cids}
                 query = idx if strategy.clients_use_public else idx[:0]
                 # the round's public indices are a seeded function of (seed, round) that both
@@ -183,6 +195,17 @@ class Federation:
                         "bytes_up": up,
                         "bytes_down": down[cid],
                     }
+                privacy = cfg.privacy
+                if (
+                    payloads
+                    and privacy.mechanism == "client_gaussian"
+                    and privacy.mode == "central"
+                ):
+                    # the strategy sees one payload: the noisy mean of the clipped payloads
+                    noisy = central_mean(
+                        payloads, privacy.clip, privacy.noise_multiplier, self.noise, rnd
+                    )
+                    payloads = {-1: noisy}
                 aggregate = strategy.aggregate(server, payloads) if payloads else None
                 server_metrics: dict[str, float] = {}
                 if aggregate is not None:
@@ -190,6 +213,7 @@ class Federation:
                 server_metrics.update(strategy.evaluate(server))
                 next_idx = public_indices(cfg, rnd + 1)
                 targets = strategy.targets(server, aggregate, next_idx)
+                server.privacy.charge(cids, {int(c): m for c, m in clients.items()})
                 accs = [c["accuracy"] for c in clients.values()]
                 record = {
                     "round": rnd,
@@ -207,6 +231,7 @@ class Federation:
                     "bytes_down": int(sum(down.values())),
                     "clients": clients,
                     "failures": failures,
+                    "privacy": server.privacy.record(),
                 }
                 idx = next_idx
                 records.append(record)

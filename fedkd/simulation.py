@@ -23,8 +23,10 @@ from fedkd.config import Config, ConfigError, Spec, load_config
 from fedkd.data import FederatedData, prepare_federated_data
 from fedkd.data.federation import check_data_config
 from fedkd.models import build_model, check_model_spec
+from fedkd.privacy.accounting import PrivacyLedger
 from fedkd.profiling import profile_model
 from fedkd.results import RunDirectory, plot_accuracy, progress_line, summary_table
+from fedkd.rounds import sample_clients
 from fedkd.strategy import SERVER_STRATEGIES, client_strategy, server_strategy
 from fedkd.training import OPTIMIZERS
 
@@ -56,9 +58,43 @@ def check_config(config: Config) -> None:
     ):
         if name not in OPTIMIZERS:
             raise ConfigError(path, f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-    server_strategy(config)
+    strategy = server_strategy(config)
     for cid in range(config.clients.count):
         client_strategy(config, cid)
+    check_privacy_config(config, strategy)
+
+
+def check_privacy_config(config: Config, strategy: Any) -> None:
+    """Mechanism and strategy must fit together; raises ConfigError naming the field."""
+    from fedkd.privacy.payload import FIELDS
+
+    p = config.privacy
+    if p.mechanism == "none":
+        return
+    if getattr(strategy, "own_privacy", False):
+        raise ConfigError(
+            "privacy.mechanism",
+            f"strategy {config.strategy.name!r} is its own DP mechanism; set mechanism = none",
+        )
+    if p.mechanism == "client_gaussian":
+        bad = [t for t in strategy.accepts if not issubclass(t, tuple(FIELDS))]
+        if bad:
+            kinds = ", ".join(getattr(t, "kind", t.__name__) for t in bad)
+            raise ConfigError(
+                "privacy.mechanism",
+                f"client_gaussian clips and noises logits, soft labels or class logits; "
+                f"strategy {config.strategy.name!r} exchanges {kinds}",
+            )
+        if p.mode == "central" and not strategy.aggregates_by_mean():
+            raise ConfigError(
+                "privacy.mode",
+                f"central noise is calibrated to a plain mean, and strategy "
+                f"{config.strategy.name!r} does not aggregate by one; use mode = 'local'",
+            )
+    if p.mechanism == "dpsgd" and p.secure_noise:
+        from fedkd.privacy.dpsgd import check_secure_mode
+
+        check_secure_mode()
 
 
 def _say(quiet: bool, text: str) -> None:
@@ -108,6 +144,24 @@ def _fedavg_bytes(
         cids = [int(c) for c in r["clients"]] + [f["client"] for f in r["failures"]]
         total += sum(2 * profiles[str(student_spec(config, c))]["bytes"] for c in cids)
     return int(total)
+
+
+def _privacy_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Epsilon spent (last round's record) and the membership-inference audit."""
+    last = records[-1] if records else None
+    out: dict[str, Any] = {}
+    if last is not None and last.get("privacy"):
+        out.update(last["privacy"])
+    if last is not None:
+        audit = [c for c in last["clients"].values() if "mia_auc" in c]
+        if audit:
+            out["audit"] = {
+                "attack": "loss threshold on each student: private samples vs test samples",
+                "mia_auc": float(np.mean([c["mia_auc"] for c in audit])),
+                "mia_advantage": float(np.mean([c["mia_advantage"] for c in audit])),
+                "clients": len(audit),
+            }
+    return out or None
 
 
 def summarize(
@@ -196,6 +250,7 @@ def summarize(
         },
         "timing": timing,
         "failures": sum(len(r["failures"]) for r in records),
+        "privacy": _privacy_summary(records),
     }
 
 
@@ -226,6 +281,8 @@ def run(
     cfg = load_config(config, overrides)
     check_config(cfg)
     data, data_path = prepare_federated_data(cfg)
+    sizes = {cid: len(part) for cid, part in enumerate(data.parts)}
+    PrivacyLedger(cfg, sizes).check_start(sample_clients(cfg, 1))  # before Ray starts
     out = RunDirectory.create(cfg)
     _say(
         quiet,
@@ -251,6 +308,9 @@ def run(
     box: dict[str, Any] = {}
     try:
         run_flower(cfg, data, str(data_path), on_round, box)
+        federation = box.get("federation")
+        if federation is not None and federation.stopped:
+            status = f"stopped early: {federation.stopped}"
         if cfg.baseline and cfg.strategy.name != "local":
             _say(quiet, "local-only baseline (same students, same budget, no federation)...")
             b0 = time.time()

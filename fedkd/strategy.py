@@ -36,10 +36,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedkd.config import ClientsConfig, Config, ConfigError, ServerConfig, Spec, from_dict
+from fedkd.config import (
+    ClientsConfig,
+    Config,
+    ConfigError,
+    PrivacyConfig,
+    ServerConfig,
+    Spec,
+    from_dict,
+)
 from fedkd.losses import KD_LOSSES
 from fedkd.models import build_model
 from fedkd.payloads import ClassLogits, Logits, Payload, SoftLabels, Weights
+from fedkd.privacy.accounting import PrivacyError, PrivacyLedger
 from fedkd.registry import Registry
 from fedkd.seeding import derive_seed
 from fedkd.training import (
@@ -131,10 +140,17 @@ class ClientNode:
     generator: torch.Generator
     device: torch.device
     state: dict[str, Any] = field(default_factory=dict)
+    privacy: PrivacyConfig | None = None  # set when privacy.mechanism is on
+    seed: int = 0  # the run seed (DP-SGD noise is derived from it)
 
     @property
     def num_examples(self) -> int:
         return len(self.y)
+
+    @property
+    def dpsgd(self) -> bool:
+        """Whether private training runs through Opacus DP-SGD (record-level DP)."""
+        return self.privacy is not None and self.privacy.mechanism == "dpsgd"
 
     def kd_targets(
         self, targets: Logits | SoftLabels, temperature: float, loss: str | None = None
@@ -163,7 +179,11 @@ class ClientNode:
         kd: KDTargets | ClassKDTargets | None = None,
         kd_weight: float = 0.0,
     ) -> Metrics:
-        """Epochs of cross-entropy on (x, y), optionally mixed with a KD term."""
+        """Epochs of cross-entropy on (x, y), optionally mixed with a KD term.
+
+        Not for the private data under DP-SGD (use :meth:`train_private`)."""
+        if self.dpsgd and x is self.x:
+            raise PrivacyError("under DP-SGD, train on private data with train_private")
         return train_supervised(
             self.model,
             self.optimizer,
@@ -189,12 +209,38 @@ class ClientNode:
         data, mixed with distillation towards ``kd``: targets on public samples
         (``Logits``, ``SoftLabels``), or per-class targets on the private samples
         themselves (``ClassLogits``; classes with count 0 get no KD term)."""
+        if self.dpsgd:
+            return self._train_private_dp(epochs, kd, kd_weight, temperature, loss)
         targets: KDTargets | ClassKDTargets | None = None
         if isinstance(kd, (Logits, SoftLabels)):
             targets = self.kd_targets(kd, temperature, loss)
         elif isinstance(kd, ClassLogits):
             targets = self.class_kd_targets(kd, temperature, loss or "soft_kl")
         return self.train_on(self.x, self.y, epochs=epochs, kd=targets, kd_weight=kd_weight)
+
+    def _train_private_dp(
+        self,
+        epochs: int | None,
+        kd: Logits | SoftLabels | ClassLogits | None,
+        kd_weight: float,
+        temperature: float,
+        loss: str | None,
+    ) -> Metrics:
+        """DP-SGD cross-entropy on private data; the KD term, which touches only public
+        inputs, runs as one separate, non-private pass over the public targets."""
+        from fedkd.privacy.dpsgd import dp_train
+
+        assert self.privacy is not None
+        epochs = self.settings.local_epochs if epochs is None else epochs
+        out = dp_train(self, self.privacy, epochs=epochs, seed=self.seed)
+        if isinstance(kd, ClassLogits) and kd_weight > 0:
+            raise PrivacyError(
+                "per-class KD trains on private samples outside DP-SGD; "
+                "use privacy.mechanism = client_gaussian for this strategy"
+            )
+        if kd is not None and kd_weight > 0:
+            out["kd"] = self.distill_public(kd, epochs=1, temperature=temperature, loss=loss)["kd"]
+        return out
 
     def distill_public(
         self,
@@ -228,6 +274,11 @@ class ClientNode:
     def class_mean_logits(self, softmax: bool = False) -> ClassLogits:
         """Mean logit vector (or, with ``softmax``, mean probability vector) of this
         client's private samples of each class (FD)."""
+        if self.dpsgd:
+            raise PrivacyError(
+                "per-class means are computed from private data outside DP-SGD; "
+                "use privacy.mechanism = client_gaussian for this strategy"
+            )
         logits = predict_logits(self.model, self.x).double().cpu()
         if softmax:
             logits = torch.softmax(logits, dim=-1)
@@ -273,6 +324,7 @@ class ServerNode:
     public_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # this round
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     teacher_updates: int = 0  # rounds in which distill_teacher ran
+    privacy: PrivacyLedger | None = None  # privacy spent so far (strategies may add to it)
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -391,6 +443,7 @@ class ServerStrategy(ABC):
     uses_teacher: ClassVar[bool] = True
     accepts: ClassVar[tuple[type[Payload], ...]] = (Payload,)
     clients_use_public: ClassVar[bool] = True
+    own_privacy: ClassVar[bool] = False  # the strategy is itself a DP mechanism (PATE)
 
     def __init__(self, params: Any = None) -> None:
         self.params = self.Params() if params is None else params
@@ -399,6 +452,12 @@ class ServerStrategy(ABC):
     def check_config(cls, config: Config) -> None:
         """Reject configurations this algorithm cannot run (raise :class:`ConfigError`
         naming the field). Runs before any data is built or Ray starts."""
+
+    def aggregates_by_mean(self) -> bool:
+        """True if :meth:`aggregate` only post-processes the plain (unweighted) mean of
+        the payloads: central client-level DP then hands it one payload, the noisy mean
+        (keyed -1). Default: False."""
+        return False
 
     def setup(self, server: ServerNode) -> None:  # noqa: B027 - optional hook
         """Called once before round 1, after the teacher (if any) is built."""

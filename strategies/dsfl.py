@@ -75,6 +75,9 @@ class DSFLServer(ServerStrategy):
     client_strategy = DSFLClient
     accepts = (SoftLabels,)
 
+    def aggregates_by_mean(self) -> bool:
+        return True  # ERA post-processes the mean
+
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
         mean = SoftLabels.mean([p for p in payloads.values() if isinstance(p, SoftLabels)])
         if not self.params.era:

@@ -83,5 +83,8 @@ class FedMDServer(ServerStrategy):
     uses_teacher = False
     accepts = (Logits,)
 
+    def aggregates_by_mean(self) -> bool:
+        return True
+
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
         return Logits.mean([p for p in payloads.values() if isinstance(p, Logits)])

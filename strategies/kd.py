@@ -66,6 +66,9 @@ class KDServer(ServerStrategy):
     client_strategy = KDClient
     accepts = (Logits,)
 
+    def aggregates_by_mean(self) -> bool:
+        return not self.params.weighted
+
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
         logits = {cid: p for cid, p in payloads.items() if isinstance(p, Logits)}
         weights = None

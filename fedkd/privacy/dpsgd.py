@@ -1,0 +1,96 @@
+"""Record-level DP-SGD for a client's local training, through Opacus.
+
+Each call wraps the client's student and optimizer in Opacus (per-sample gradient
+clipping to ``max_grad_norm``, Gaussian noise ``noise_multiplier * max_grad_norm``,
+Poisson-sampled batches of expected size ``clients.batch_size``), trains the given
+epochs of cross-entropy on the private data, then unwraps them, so the student is
+a plain module again for prediction, payloads and saving. The accountant's history
+is kept in ``node.state`` and restored next round, so epsilon composes over all the
+rounds a client took part in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedkd.config import PrivacyConfig
+from fedkd.seeding import torch_generator
+
+if TYPE_CHECKING:
+    from fedkd.strategy import ClientNode
+
+HISTORY_KEY = "dpsgd_history"
+
+
+def make_compatible(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace layers Opacus cannot handle (e.g. BatchNorm -> GroupNorm)."""
+    from opacus.validators import ModuleValidator
+
+    if ModuleValidator.validate(model, strict=False):
+        model = ModuleValidator.fix(model)
+    return model
+
+
+def check_secure_mode() -> None:
+    """Opacus' secure mode needs torchcsprng; say so before anything runs."""
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        from fedkd.config import ConfigError
+
+        raise ConfigError(
+            "privacy.secure_noise",
+            "DP-SGD's secure mode needs the torchcsprng package (Opacus' secure RNG), "
+            "which is not installed",
+        ) from None
+
+
+def dp_train(node: ClientNode, privacy: PrivacyConfig, *, epochs: int, seed: int) -> dict[str, Any]:
+    """``epochs`` of DP-SGD cross-entropy on the client's private data."""
+    from opacus import PrivacyEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Secure RNG turned off": we say so in the docs
+        engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=privacy.secure_noise)
+    engine.accountant.history = list(node.state.get(HISTORY_KEY, []))
+    loader = DataLoader(
+        TensorDataset(node.x, node.y), batch_size=node.settings.batch_size, shuffle=False
+    )
+    noise = None if privacy.secure_noise else torch_generator(seed, "dpsgd", node.round, node.cid)
+    if noise is not None and node.device.type != "cpu":
+        noise = torch.Generator(device=node.device).manual_seed(int(noise.initial_seed()))
+    model, optimizer, private_loader = engine.make_private(
+        module=node.model,
+        optimizer=node.optimizer,
+        data_loader=loader,
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=noise,
+    )
+    total, steps = 0.0, 0
+    model.train()
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    try:
+        for _ in range(epochs):
+            for x, y in private_loader:
+                optimizer.zero_grad(set_to_none=True)
+                out = model(x)
+                # Poisson sampling can draw an empty batch: it is still a (noise-only) step
+                loss = F.cross_entropy(out, y) if len(y) else out.sum() * 0.0
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+                steps += 1
+    finally:
+        model._close()  # remove Opacus' hooks: node.model is a plain module again
+        for p in node.model.parameters():
+            p.grad_sample = None
+            p.grad = None
+    node.state[HISTORY_KEY] = [tuple(h) for h in engine.accountant.history]
+    return {"ce": total / max(steps, 1), "dp_steps_round": float(steps)}
