@@ -73,6 +73,9 @@ def progress_line(record: dict[str, Any], rounds: int) -> str:
         lo, hi = _pct(s["min"]).strip(), _pct(s["max"]).strip()
         parts.append(f"students {_pct(s['mean'])} (min {lo}, max {hi})")
     parts.append(f"up {_bytes(record['bytes_up'])} down {_bytes(record['bytes_down'])}")
+    if record.get("privacy"):
+        p = record["privacy"]
+        parts.append(f"eps {p['epsilon']:.3g} (delta {p['delta']:g})")
     parts.append(f"{record['seconds']:.2f} s")
     if record["failures"]:
         parts.append(f"{len(record['failures'])} client(s) failed")
@@ -133,6 +136,20 @@ def summary_table(summary: dict[str, Any]) -> str:
     ]
     if summary["failures"]:
         lines.append(f"client failures: {summary['failures']} (see metrics.jsonl)")
+    priv = summary.get("privacy") or {}
+    if "epsilon" in priv:
+        eps = list(priv["clients"].values())
+        lines.append(
+            f"privacy: {priv['mechanism']}, {priv['unit']}: epsilon {priv['epsilon']:.3g} at "
+            f"delta {priv['delta']:g} ({priv['accountant']} accountant; per client "
+            f"{min(eps):.3g}-{max(eps):.3g})"
+        )
+    if "audit" in priv:
+        a = priv["audit"]
+        lines.append(
+            f"membership audit ({a['attack']}): AUC {a['mia_auc']:.3f}, "
+            f"advantage {a['mia_advantage']:.3f} (mean of {a['clients']} clients; 0.5 / 0 = chance)"
+        )
     return "\n".join(lines) + "\n"
 
 

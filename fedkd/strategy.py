@@ -227,7 +227,9 @@ class ClientNode:
         loss: str | None,
     ) -> Metrics:
         """DP-SGD cross-entropy on private data; the KD term, which touches only public
-        inputs, runs as one separate, non-private pass over the public targets."""
+        inputs, runs as separate, non-private steps on the public targets, as many as
+        ``kd_weight / (1 - kd_weight)`` times the DP-SGD steps (the same balance as the
+        mixed loss without DP)."""
         from fedkd.privacy.dpsgd import dp_train
 
         assert self.privacy is not None
@@ -239,7 +241,17 @@ class ClientNode:
                 "use privacy.mechanism = client_gaussian for this strategy"
             )
         if kd is not None and kd_weight > 0:
-            out["kd"] = self.distill_public(kd, epochs=1, temperature=temperature, loss=loss)["kd"]
+            ratio = kd_weight / (1 - kd_weight) if kd_weight < 1 else 1.0
+            steps = max(1, round(ratio * out["dp_steps_round"]))
+            out["kd"] = distill(
+                self.model,
+                self.optimizer,
+                self.kd_targets(kd, temperature, loss),
+                epochs=10**6,
+                batch_size=self.settings.batch_size,
+                generator=self.generator,
+                max_steps=steps,
+            )["kd"]
         return out
 
     def distill_public(

@@ -110,12 +110,19 @@ def distill(
     epochs: int,
     batch_size: int,
     generator: torch.Generator,
+    max_steps: int | None = None,
 ) -> dict[str, float]:
-    """Fit ``model`` to the soft targets alone (no labels): ``epochs`` passes over them."""
+    """Fit ``model`` to the soft targets alone (no labels): ``epochs`` passes over them
+    (stopping early after ``max_steps`` batches, if given)."""
     model.train()
     total, steps = 0.0, 0
+    limit = float("inf") if max_steps is None else max_steps
     for _ in range(epochs):
+        if steps >= limit:
+            break
         for rows in _batches(len(kd.logits), batch_size, generator):
+            if steps >= limit:
+                break
             loss = kd.loss(model(kd.x[rows]), kd.logits[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
