@@ -17,8 +17,23 @@ import numpy as np
 
 from fedkd.config import Config, ConfigError
 
-#: RDP orders (Opacus' defaults)
-ORDERS: list[float] = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+#: RDP orders: Opacus' defaults, extended to large orders, which are optimal for
+#: weak mechanisms (noise / sensitivity above ~20, e.g. PATE's GNMax)
+ORDERS: list[float] = (
+    [1 + x / 10.0 for x in range(1, 100)]
+    + list(range(12, 64))
+    + list(range(64, 256, 16))
+    + [256, 320, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+)
+
+
+def merge(history: History) -> History:
+    """Merge entries with the same (noise multiplier, sample rate): same epsilon, and one
+    RDP curve per distinct mechanism instead of one per round."""
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in history:
+        merged[(sigma, q)] = merged.get((sigma, q), 0) + steps
+    return [(s, q, n) for (s, q), n in merged.items()]
 
 History = list[tuple[float, float, int]]
 
@@ -29,14 +44,18 @@ class PrivacyError(RuntimeError):
 
 def accountant_epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
     """Epsilon at ``delta`` after ``history`` of (noise multiplier, sample rate, steps)."""
-    steps = [(s, q, n) for s, q, n in history if n > 0]
+    steps = merge([(s, q, n) for s, q, n in history if n > 0])
     if not steps:
         return 0.0
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    acc.history = list(steps)
-    return float(acc.get_epsilon(delta))
+    if accountant == "rdp":
+        rdp = RDPAccountant()
+        rdp.history = steps
+        return float(rdp.get_epsilon(delta, alphas=ORDERS))
+    prv = PRVAccountant()
+    prv.history = steps
+    return float(prv.get_epsilon(delta))
 
 
 def gnmax_rdp(answered: int, checks: int, sigma: float, sigma1: float | None) -> np.ndarray:
@@ -180,10 +199,10 @@ class PrivacyLedger:
     def charge(self, cids: list[int], metrics: dict[int, dict[str, float]]) -> None:
         """Account for a finished round: ``cids`` were sampled, ``metrics`` replied."""
         if self.mechanism == "client_gaussian" and self.p.mode == "central":
-            self.central = self._central(True)
+            self.central = merge(self._central(True))
         elif self.mechanism == "client_gaussian":
             for cid in metrics:  # a client that never uploaded released nothing
-                self.per_client[cid] = self._history(cid, True)
+                self.per_client[cid] = merge(self._history(cid, True))
         elif self.mechanism == "dpsgd":
             for cid, m in metrics.items():
                 if "dp_steps" in m:
