@@ -240,3 +240,39 @@ def test_central_client_level_noise_and_budget_stop_under_flower(tmp_path):
     eps = [r["privacy"]["epsilon"] for r in result.rounds]
     assert 1 <= len(eps) < 4 and eps == sorted(eps) and eps[-1] <= 3
     assert result.summary["privacy"]["unit"].startswith("client-level (central")
+
+
+@pytest.mark.simulation
+def test_privacy_sweep_writes_table_json_and_plot(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable,
+        str(root / "simulations" / "privacy_sweep.py"),
+        "--out",
+        str(tmp_path),
+        "--sigmas-dpsgd",
+        "1,4",
+        "--sigmas-central",
+        "",
+        "--sigmas-pate",
+        "",
+        *SMALL,
+        "rounds=2",
+    ]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "privacy_utility.json").read_text())["rows"]
+    assert [(r["mechanism"], r["sigma"]) for r in rows] == [
+        ("none", None),
+        ("dpsgd", 1.0),
+        ("dpsgd", 4.0),
+    ]
+    assert rows[1]["epsilon"] > rows[2]["epsilon"] > 0  # more noise, less epsilon
+    assert all(r["mia_advantage"] is not None for r in rows)
+    assert "record-level" in (tmp_path / "privacy_utility.md").read_text()
+    assert (tmp_path / "privacy_utility.png").stat().st_size > 10_000

@@ -6,6 +6,11 @@ et al. 2021) from a history of ``(noise_multiplier, sample_rate, steps)``. PATE'
 GNMax uses its data-independent RDP bound (Papernot et al. 2018): ``alpha / sigma^2``
 per answered query, ``alpha / (2 sigma_1^2)`` per confidence check, converted to
 (epsilon, delta) by Opacus' RDP analysis.
+
+Assumptions, stated rather than hidden: client sampling draws a fixed number
+``round(fraction * count)`` of clients and is accounted as Poisson sampling at
+rate ``k / count``; any amplification by sampling also assumes the sample stays
+secret. With ``fraction = 1`` neither matters.
 """
 
 from __future__ import annotations
