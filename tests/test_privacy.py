@@ -276,3 +276,17 @@ def test_privacy_sweep_writes_table_json_and_plot(tmp_path):
     assert all(r["mia_advantage"] is not None for r in rows)
     assert "record-level" in (tmp_path / "privacy_utility.md").read_text()
     assert (tmp_path / "privacy_utility.png").stat().st_size > 10_000
+
+
+def test_models_are_made_opacus_compatible():
+    from opacus.validators import ModuleValidator
+
+    from fedkd.privacy.dpsgd import make_compatible
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
+    assert ModuleValidator.validate(model, strict=False)  # BatchNorm mixes samples
+    fixed = make_compatible(model)
+    assert not ModuleValidator.validate(fixed, strict=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in fixed.modules())
+    plain = torch.nn.Linear(4, 2)
+    assert make_compatible(plain) is plain  # nothing to fix: untouched
