@@ -2,10 +2,12 @@
 
     python simulations/privacy_sweep.py [--out DIR] [--sigmas-dpsgd 0.5,1,2] ... [field=value ...]
 
-Runs the default MNIST-1D setting with ``--strategy`` (default ``dsfl``, which
-keeps learning under DP-SGD where ``kd``'s logit-averaged teacher does not) without
-DP, then with each mechanism at each noise level: DP-SGD (record-level), the
-client-level Gaussian mechanism with central noise, and PATE (client-level;
+Runs the default MNIST-1D setting without DP, then with each mechanism at each
+noise level: DP-SGD (record-level) with ``--strategy`` (default ``dsfl``, which
+keeps learning under DP-SGD where ``kd``'s logit-averaged teacher does not), the
+client-level Gaussian mechanism with central noise with ``--central-strategy``
+(default ``kd``: its logits survive clipping and noise better than DS-FL's
+ERA-sharpened soft labels), and PATE (client-level;
 ``strategy = pate``, 200 queries a round, threshold-check noise equal to sigma).
 Writes ``privacy_utility.md``,
 ``privacy_utility.json`` and ``privacy_utility.png`` (student and server-model
@@ -32,7 +34,10 @@ def _floats(text: str) -> list[float]:
 def settings(args: argparse.Namespace) -> list[tuple[str, float | None, list[str]]]:
     """(mechanism, sigma, overrides) for every run of the sweep."""
     base = [f"strategy={{name='{args.strategy}'}}"]
+    central = [f"strategy={{name='{args.central_strategy}'}}"]
     out: list[tuple[str, float | None, list[str]]] = [("none", None, base)]
+    if args.central_strategy != args.strategy and args.sigmas_central.strip():
+        out.append(("none", None, central))
     for s in _floats(args.sigmas_dpsgd):
         out.append(
             ("dpsgd", s, [*base, "privacy.mechanism=dpsgd", f"privacy.noise_multiplier={s}"])
@@ -43,7 +48,7 @@ def settings(args: argparse.Namespace) -> list[tuple[str, float | None, list[str
                 "client_gaussian",
                 s,
                 [
-                    *base,
+                    *central,
                     "privacy.mechanism=client_gaussian",
                     f"privacy.noise_multiplier={s}",
                     f"privacy.clip={args.clip}",
@@ -72,6 +77,7 @@ def _row(mechanism: str, sigma: float | None, result: fedkd.RunResult) -> dict:
     audit = priv.get("audit", {})
     return {
         "mechanism": mechanism,
+        "strategy": result.config.strategy.name,
         "sigma": sigma,
         "unit": priv.get("unit", "-"),
         "epsilon": priv.get("epsilon", math.inf),
@@ -99,15 +105,16 @@ def markdown(rows: list[dict], setting: str) -> str:
     lines = [
         f"Setting: {setting}",
         "",
-        "| mechanism | sigma | privacy unit | epsilon | rounds | students | server model "
-        "| MIA AUC | MIA advantage | wall time |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mechanism | strategy | sigma | privacy unit | epsilon | rounds | students "
+        "| server model | MIA AUC | MIA advantage | wall time |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         eps = "inf (no DP)" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.3g}"
         unit = r["unit"].split(" (")[0]
         lines.append(
-            f"| {r['mechanism']} | {_num(r['sigma'], 'g')} | {unit} | {eps} | {r['rounds']} "
+            f"| {r['mechanism']} | {r['strategy']} | {_num(r['sigma'], 'g')} | {unit} | {eps} "
+            f"| {r['rounds']} "
             f"| {_pct(r['students'])} | {_pct(r['server_model'])} | {_num(r['mia_auc'])} "
             f"| {_num(r['mia_advantage'])} | {r['total_s']:.0f} s |"
         )
@@ -121,7 +128,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (acc, mia) = plt.subplots(1, 2, figsize=(12, 4.5))
-    base = next((r for r in rows if r["mechanism"] == "none"), None)
+    base = next((r for r in rows if r["mechanism"] == "none"), None)  # the DP-SGD strategy
     for i, mech in enumerate(m for m in ("dpsgd", "client_gaussian", "pate")):
         pts = sorted((r for r in rows if r["mechanism"] == mech), key=lambda r: r["epsilon"])
         if not pts:
@@ -133,7 +140,7 @@ def plot(rows: list[dict], path: Path) -> None:
             [100 * (r["students"] or 0) for r in pts],
             "o-",
             color=color,
-            label=f"{mech}: students",
+            label=f"{mech} ({pts[0]['strategy']}): students",
         )
         if any(r["server_model"] is not None for r in pts):
             acc.plot(
@@ -145,8 +152,9 @@ def plot(rows: list[dict], path: Path) -> None:
             )
         mia.plot(eps, [r["mia_advantage"] or 0 for r in pts], "o-", color=color, label=mech)
     if base is not None:
-        acc.axhline(100 * base["students"], color="gray", ls=":", label="no DP: students")
-        mia.axhline(base["mia_advantage"] or 0, color="gray", ls=":", label="no DP")
+        label = f"no DP ({base['strategy']})"
+        acc.axhline(100 * base["students"], color="gray", ls=":", label=f"{label}: students")
+        mia.axhline(base["mia_advantage"] or 0, color="gray", ls=":", label=label)
     acc.set(
         xscale="log",
         xlabel="epsilon (delta 1e-5)",
@@ -173,7 +181,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sigmas-dpsgd", default="0.5,1,2,4")
     parser.add_argument("--sigmas-central", default="0.1,0.3,1")
     parser.add_argument("--sigmas-pate", default="2,5,10,20")
-    parser.add_argument("--strategy", default="dsfl", help="strategy of the non-PATE runs")
+    parser.add_argument("--strategy", default="dsfl", help="strategy of the DP-SGD runs")
+    parser.add_argument(
+        "--central-strategy", default="kd", help="strategy of the client-level Gaussian runs"
+    )
     parser.add_argument("--clip", type=float, default=100.0, help="client_gaussian L2 bound")
     parser.add_argument("--pate-queries", type=int, default=200)
     parser.add_argument("overrides", nargs="*", help="field=value, applied to every run")
@@ -197,7 +208,7 @@ def main(argv: list[str]) -> int:
         s = result.summary
         setting = (
             f"{s['data']}; {s['clients']} clients; up to {s['rounds']} rounds; "
-            f"strategy {args.strategy} (PATE rows: pate); seed {result.config.seed}"
+            f"strategies as in the table; seed {result.config.seed}"
         )
         (out / "privacy_utility.json").write_text(
             json.dumps({"setting": setting, "rows": rows}, indent=2, default=str)
