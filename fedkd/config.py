@@ -170,7 +170,7 @@ class PrivacyConfig:
     target_epsilon: float = 0.0  # budget: stop before exceeding it; 0 = no budget
     accountant: str = "rdp"  # rdp | prv (Opacus accountants)
     secure_noise: bool = False  # draw noise from the OS CSPRNG (not reproducible)
-    audit: bool = True  # membership-inference audit of each student at the last round
+    audit: bool = True  # membership-inference audit of each student, every round
 
     def __post_init__(self) -> None:
         if self.mechanism not in ("none", "client_gaussian", "dpsgd"):

@@ -167,12 +167,14 @@ class Federation:
                 replies = transport.fit(rnd, requests, query)
                 clients: dict[str, dict[str, Any]] = {}
                 failures, payloads = [], {}
+                replied: dict[int, dict[str, float]] = {}
                 for cid in cids:
                     reply = replies.get(cid, Failure(cid, "no reply"))
                     up = 0
                     if isinstance(reply, FitReply):
                         up = reply.payload.nbytes if reply.payload is not None else 0
                         server.num_examples[cid] = int(reply.metrics["num_examples"])
+                        replied[cid] = reply.metrics  # charged for privacy even if rejected
                     problem = (
                         reply.error if isinstance(reply, Failure) else self._check(reply, query)
                     )
@@ -203,7 +205,12 @@ class Federation:
                 ):
                     # the strategy sees one payload: the noisy mean of the clipped payloads
                     noisy = central_mean(
-                        payloads, privacy.clip, privacy.noise_multiplier, self.noise, rnd
+                        payloads,
+                        privacy.clip,
+                        privacy.noise_multiplier,
+                        self.noise,
+                        rnd,
+                        sampled=len(cids),
                     )
                     payloads = {-1: noisy}
                 aggregate = strategy.aggregate(server, payloads) if payloads else None
@@ -213,7 +220,7 @@ class Federation:
                 server_metrics.update(strategy.evaluate(server))
                 next_idx = public_indices(cfg, rnd + 1)
                 targets = strategy.targets(server, aggregate, next_idx)
-                server.privacy.charge(cids, {int(c): m for c, m in clients.items()})
+                server.privacy.charge(cids, replied)
                 accs = [c["accuracy"] for c in clients.values()]
                 record = {
                     "round": rnd,

@@ -429,7 +429,7 @@ def test_ledger_monotone_and_projection_equals_charge(mode, accountant):
     only grow; PRV observed monotone too); the projection ``epsilons(next_cids)`` taken
     before a round equals ``epsilons()`` after ``charge`` of that round (1e-12 relative:
     same history, same computation). In local mode and DP-SGD a client that was not
-    sampled spends nothing; in central mode every client spends every round."""
+    sampled spends nothing (client-level mechanisms are charged per participation)."""
     overrides = {"central": CENTRAL, "local": LOCAL, "dpsgd": DPSGD}[mode]
     ledger = _ledger(overrides, accountant)
     before = ledger.epsilons()
@@ -441,7 +441,7 @@ def test_ledger_monotone_and_projection_equals_charge(mode, accountant):
         for c in after:
             assert after[c] == pytest.approx(projected[c], rel=1e-12, abs=1e-12)
             assert after[c] >= before[c]
-            if mode == "central" or c in cids:
+            if c in cids:  # charged per participation (no amplification by sampling)
                 assert after[c] > before[c]
             else:
                 assert after[c] == before[c]
@@ -452,9 +452,10 @@ def test_ledger_monotone_and_projection_equals_charge(mode, accountant):
 
 
 def test_ledger_matches_the_accountant_directly():
-    """The ledger's histories are what the mechanisms are: central = one subsampled
-    Gaussian per round at q = sampled / count; local = one Gaussian per round the client
-    uploaded; DP-SGD = the reported steps at q = 1 / ceil(n / batch)."""
+    """The ledger's histories are what the mechanisms are: central = one Gaussian per
+    round the client was sampled (no amplification: the sample is not secret); local =
+    one Gaussian per round the client uploaded; DP-SGD = the reported steps at
+    q = 1 / ceil(n / batch)."""
     rounds = 4
     central = _ledger(CENTRAL, "rdp")
     local = _ledger(LOCAL, "rdp")
@@ -462,9 +463,10 @@ def test_ledger_matches_the_accountant_directly():
     for _ in range(rounds):
         for ledger in (central, local, dpsgd):
             ledger.charge([0], _metrics(ledger, [0]))
-    assert central.epsilons()[5] == pytest.approx(
-        accountant_epsilon([(2.0, 0.1, rounds)], 1e-5), rel=1e-12
+    assert central.epsilons()[0] == pytest.approx(
+        accountant_epsilon([(2.0, 1.0, rounds)], 1e-5), rel=1e-12
     )
+    assert central.epsilons()[5] == 0.0  # never sampled: nothing spent
     eps_local = local.epsilons()[0]
     assert eps_local == pytest.approx(accountant_epsilon([(3.0, 1.0, rounds)], 1e-5), rel=1e-12)
     exact = exact_gaussian_epsilon(3.0 / math.sqrt(rounds), 1e-5)

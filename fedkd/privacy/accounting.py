@@ -7,10 +7,13 @@ GNMax uses its data-independent RDP bound (Papernot et al. 2018): ``alpha / sigm
 per answered query, ``alpha / (2 sigma_1^2)`` per confidence check, converted to
 (epsilon, delta) by Opacus' RDP analysis.
 
-Assumptions, stated rather than hidden: client sampling draws a fixed number
-``round(fraction * count)`` of clients and is accounted as Poisson sampling at
-rate ``k / count``; any amplification by sampling also assumes the sample stays
-secret. With ``fraction = 1`` neither matters.
+Client-level mechanisms are charged per participation, with no amplification by
+client sampling: the sample is drawn from the run seed and shows in the records,
+so it is not secret. DP-SGD's amplification comes from Opacus' Poisson batches.
+
+All epsilons assume the noise is unpredictable: with seeded noise (the default,
+for reproducible simulations) anyone holding the seed in ``config.toml`` can
+regenerate it, so use ``privacy.secure_noise`` for anything beyond simulation.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def merge(history: History) -> History:
     for sigma, q, steps in history:
         merged[(sigma, q)] = merged.get((sigma, q), 0) + steps
     return [(s, q, n) for (s, q), n in merged.items()]
+
 
 History = list[tuple[float, float, int]]
 
@@ -103,7 +107,6 @@ class PrivacyLedger:
         self.p = config.privacy
         self.sizes = sizes or {}
         self.mechanism = self.p.mechanism
-        self.central: History = []
         self.per_client: dict[int, History] = {}
         self.rdp = np.zeros(len(ORDERS))
         self.rdp_round: np.ndarray | None = None
@@ -145,15 +148,8 @@ class PrivacyLedger:
             per_round = max(per_round, self.dp_last.get(cid, 0))  # e.g. a warm-up round
             steps = self.dp_steps.get(cid, 0) + (per_round if extra_round else 0)
             return [(sigma, q, steps)]
-        if self.mechanism == "client_gaussian" and self.p.mode == "local":
+        if self.mechanism == "client_gaussian":  # one Gaussian release per participation
             return [*self.per_client.get(cid, []), *([(sigma, 1.0, 1)] if extra_round else [])]
-        return []
-
-    def _central(self, extra_round: bool) -> History:
-        if self.mechanism == "client_gaussian" and self.p.mode == "central":
-            c = self.config.clients
-            q = max(1, round(c.fraction * c.count)) / c.count
-            return [*self.central, *([(self.p.noise_multiplier, q, 1)] if extra_round else [])]
         return []
 
     def epsilons(self, next_cids: list[int] | None = None) -> dict[int, float]:
@@ -163,9 +159,6 @@ class PrivacyLedger:
         if self.rdp_round is not None:
             rdp = self.rdp + (self.rdp_round if next_cids is not None else 0)
             eps = rdp_epsilon(rdp, delta)
-            return {cid: eps for cid in range(self.config.clients.count)}
-        if self.mechanism == "client_gaussian" and self.p.mode == "central":
-            eps = accountant_epsilon(self._central(next_cids is not None), delta, acc)
             return {cid: eps for cid in range(self.config.clients.count)}
         return {
             cid: accountant_epsilon(self._history(cid, cid in extra), delta, acc)
@@ -202,11 +195,13 @@ class PrivacyLedger:
         return None
 
     def charge(self, cids: list[int], metrics: dict[int, dict[str, float]]) -> None:
-        """Account for a finished round: ``cids`` were sampled, ``metrics`` replied."""
-        if self.mechanism == "client_gaussian" and self.p.mode == "central":
-            self.central = merge(self._central(True))
-        elif self.mechanism == "client_gaussian":
-            for cid in metrics:  # a client that never uploaded released nothing
+        """Account for a finished round: ``cids`` were sampled; ``metrics`` holds every
+        client that replied (including replies whose payload was then rejected)."""
+        if self.mechanism == "client_gaussian":
+            # central: every sampled client is in the release (a missing payload counts as
+            # a zero vector); local: every client that uploaded released its noisy payload
+            charged = cids if self.p.mode == "central" else list(metrics)
+            for cid in charged:
                 self.per_client[cid] = merge(self._history(cid, True))
         elif self.mechanism == "dpsgd":
             for cid, m in metrics.items():
@@ -225,5 +220,6 @@ class PrivacyLedger:
             "delta": self.p.delta,
             "accountant": "rdp" if self.rdp_round is not None else self.p.accountant,
             "epsilon": max(eps.values()) if eps else 0.0,
+            "noise": "secure" if self.p.secure_noise else "seeded (epsilon assumes a secret seed)",
             "clients": {str(c): e for c, e in eps.items()},
         }

@@ -50,6 +50,29 @@ def check_secure_mode() -> None:
         ) from None
 
 
+def _check_budget(node: ClientNode, privacy: PrivacyConfig, history: list, epochs: int) -> None:
+    """Refuse DP-SGD steps that would take this client past ``privacy.target_epsilon``
+    (the server also stops rounds ahead; this catches extra private epochs, e.g. a
+    strategy's warm-up, that it could not foresee)."""
+    if privacy.target_epsilon <= 0 or epochs <= 0:
+        return
+    from fedkd.privacy.accounting import (
+        PrivacyError,
+        accountant_epsilon,
+        dpsgd_steps_per_round,
+    )
+
+    q, steps = dpsgd_steps_per_round(len(node.y), node.settings.batch_size, epochs)
+    eps = accountant_epsilon(
+        [*history, (privacy.noise_multiplier, q, steps)], privacy.delta, privacy.accountant
+    )
+    if eps > privacy.target_epsilon:
+        raise PrivacyError(
+            f"client {node.cid}: {epochs} more DP-SGD epochs would raise epsilon to {eps:.3g} "
+            f"> target {privacy.target_epsilon:g}; nothing was trained or released"
+        )
+
+
 def dp_train(node: ClientNode, privacy: PrivacyConfig, *, epochs: int, seed: int) -> dict[str, Any]:
     """``epochs`` of DP-SGD cross-entropy on the client's private data."""
     from opacus import PrivacyEngine
@@ -57,13 +80,19 @@ def dp_train(node: ClientNode, privacy: PrivacyConfig, *, epochs: int, seed: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Secure RNG turned off": we say so in the docs
         engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=privacy.secure_noise)
-    engine.accountant.history = list(node.state.get(HISTORY_KEY, []))
+    history = list(node.state.get(HISTORY_KEY, []))
+    engine.accountant.history = history
+    prior_steps = int(sum(h[2] for h in history))
     loader = DataLoader(
         TensorDataset(node.x, node.y), batch_size=node.settings.batch_size, shuffle=False
     )
-    noise = None if privacy.secure_noise else torch_generator(seed, "dpsgd", node.round, node.cid)
-    if noise is not None and node.device.type != "cpu":
-        noise = torch.Generator(device=node.device).manual_seed(int(noise.initial_seed()))
+    # keyed by the steps taken so far too: two calls in one round never share noise
+    noise = None
+    if not privacy.secure_noise:
+        noise = torch_generator(seed, "dpsgd", node.round, node.cid, prior_steps)
+        if node.device.type != "cpu":
+            noise = torch.Generator(device=node.device).manual_seed(int(noise.initial_seed()))
+    _check_budget(node, privacy, history, epochs)
     model, optimizer, private_loader = engine.make_private(
         module=node.model,
         optimizer=node.optimizer,
@@ -75,18 +104,19 @@ def dp_train(node: ClientNode, privacy: PrivacyConfig, *, epochs: int, seed: int
     )
     total, steps = 0.0, 0
     model.train()
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
-        for _ in range(epochs):
-            for x, y in private_loader:
-                optimizer.zero_grad(set_to_none=True)
-                out = model(x)
-                # Poisson sampling can draw an empty batch: it is still a (noise-only) step
-                loss = F.cross_entropy(out, y) if len(y) else out.sum() * 0.0
-                loss.backward()
-                optimizer.step()
-                total += loss.item()
-                steps += 1
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(epochs):
+                for x, y in private_loader:
+                    optimizer.zero_grad(set_to_none=True)
+                    out = model(x)
+                    # Poisson sampling can draw an empty batch: still a (noise-only) step
+                    loss = F.cross_entropy(out, y) if len(y) else out.sum() * 0.0
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.item()
+                    steps += 1
     finally:
         model._close()  # remove Opacus' hooks: node.model is a plain module again
         for p in node.model.parameters():

@@ -4,11 +4,15 @@ The protected quantity is one client's payload of a round (its logits or soft
 labels on the public subset, or its per-class means), as a single vector:
 
 * clip: ``p <- p * min(1, C / ||p||_2)``, so one client moves the sum by at most C;
-* central: the server adds ``N(0, (sigma C)^2)`` to the *sum* of the clipped payloads
-  and divides by the number n of aggregated clients, i.e. noise std ``sigma C / n``
-  on their mean; the strategy aggregates that one noisy mean;
-* local: each client adds ``N(0, (sigma C)^2)`` to its own clipped payload before
-  upload, then projects soft labels back onto the simplex (post-processing).
+* central (trusted server; neighbouring runs add or remove one client's
+  contribution): the server adds ``N(0, (sigma C)^2)`` to the *sum* of the clipped
+  payloads of the round's k sampled clients (a client whose payload is missing or
+  rejected counts as a zero vector) and divides by k, i.e. noise std
+  ``sigma C / k`` on the mean; the strategy aggregates that one noisy mean;
+* local (untrusted server; neighbouring runs replace one client's data): two
+  clipped payloads differ by up to 2C, so each client adds ``N(0, (2 sigma C)^2)``
+  to its own clipped payload before upload, then projects soft labels back onto
+  the simplex (post-processing).
 
 Per-class payloads (FD) release their noisy means only: their counts (a label
 histogram) are replaced by ones.
@@ -64,22 +68,32 @@ def to_simplex(probs: np.ndarray) -> np.ndarray:
 def local_release(
     payload: Payload, bound: float, sigma: float, noise: NoiseSource, rnd: int, cid: int
 ) -> Payload:
-    """What a client uploads under local DP: clipped, plus ``N(0, (sigma C)^2)``."""
+    """What a client uploads under local DP: clipped, plus ``N(0, (2 sigma C)^2)``
+    (sensitivity 2C: the client's data replaced by any other)."""
     clipped, _ = clip(payload, bound)
     v = values_of(clipped)
-    noisy = v + noise.normal(v.shape, sigma * bound, "local", rnd, cid)
+    noisy = v + noise.normal(v.shape, 2 * sigma * bound, "local", rnd, cid)
     if isinstance(payload, SoftLabels):
         noisy = to_simplex(noisy)
     return with_values(clipped, noisy)
 
 
 def central_mean(
-    payloads: dict[int, Payload], bound: float, sigma: float, noise: NoiseSource, rnd: int
+    payloads: dict[int, Payload],
+    bound: float,
+    sigma: float,
+    noise: NoiseSource,
+    rnd: int,
+    sampled: int | None = None,
 ) -> Payload:
-    """The server's release under central DP: mean of the clipped payloads plus noise
-    of std ``sigma C / n`` (``sigma C`` on the sum)."""
+    """The server's release under central DP: the sum of the clipped payloads plus
+    ``N(0, (sigma C)^2)``, divided by the number of ``sampled`` clients (default: the
+    payloads'), so that a missing payload counts as zeros, not as a smaller mean."""
     clipped = [clip(p, bound)[0] for p in payloads.values()]
     first = clipped[0]
     total = sum(values_of(p) for p in clipped[1:]) + values_of(first)
     total = total + noise.normal(total.shape, sigma * bound, "central", rnd)
-    return with_values(first, total / len(clipped))
+    k = len(clipped) if sampled is None else sampled
+    if k < len(clipped):
+        raise ValueError(f"{len(clipped)} payloads but only {k} sampled clients")
+    return with_values(first, total / k)
