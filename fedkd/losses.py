@@ -47,19 +47,13 @@ class LogitMSE(nn.Module):
 
 
 @KD_LOSSES.register("prob_kl")
-class ProbKL(nn.Module):
+class ProbKL(SoftKL):
     """KL from target *probabilities* to the student: ``T^2 * KL(q || softmax(s/T))``.
 
     For targets that arrive as soft labels (DS-FL, CFD, Cronus). Equal to the
     cross-entropy with soft targets minus the targets' entropy (a constant), so
     it has the same gradients as the soft cross-entropy those papers use.
     """
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
 
     def forward(self, student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
         t = self.temperature
@@ -74,3 +68,10 @@ class LogitMAE(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return F.l1_loss(student_logits, teacher_logits)
+
+
+def make_kd_loss(name: str, temperature: float = 1.0) -> nn.Module:
+    """The KD loss registered as ``name``; temperature-scaled ones (``soft_kl``,
+    ``prob_kl``) get ``temperature``, the others take none."""
+    cls = KD_LOSSES.get(name)
+    return cls(temperature) if issubclass(cls, SoftKL) else cls()

@@ -101,7 +101,7 @@ class Federation:
             config=config,
             generator=torch_generator(config.seed, "server", 0),
             device=device,
-            privacy=PrivacyLedger(config, {c: len(part) for c, part in enumerate(data.parts)}),
+            privacy=PrivacyLedger(config, data.part_sizes),
         )
         self.noise = NoiseSource(config.seed, config.privacy.secure_noise)
         self.stopped: str | None = None  # why the run ended early (privacy budget)

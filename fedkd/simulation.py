@@ -281,8 +281,7 @@ def run(
     cfg = load_config(config, overrides)
     check_config(cfg)
     data, data_path = prepare_federated_data(cfg)
-    sizes = {cid: len(part) for cid, part in enumerate(data.parts)}
-    PrivacyLedger(cfg, sizes).check_start(sample_clients(cfg, 1))  # before Ray starts
+    PrivacyLedger(cfg, data.part_sizes).check_start(sample_clients(cfg, 1))  # before Ray starts
     out = RunDirectory.create(cfg)
     _say(
         quiet,

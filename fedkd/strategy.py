@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -45,7 +46,7 @@ from fedkd.config import (
     Spec,
     from_dict,
 )
-from fedkd.losses import KD_LOSSES
+from fedkd.losses import make_kd_loss
 from fedkd.models import build_model
 from fedkd.payloads import ClassLogits, Logits, Payload, SoftLabels, Weights
 from fedkd.privacy.accounting import PrivacyError, PrivacyLedger
@@ -96,11 +97,15 @@ def public_kd_targets(
         values, default = targets.values, "soft_kl"
     else:
         raise TypeError(f"cannot distill towards a {type(targets).__name__} payload")
-    loss = loss or default
     idx = torch.as_tensor(targets.idx, dtype=torch.long, device=public_x.device)
     values_t = torch.as_tensor(values, dtype=torch.float32, device=public_x.device)
-    kwargs = {"temperature": temperature} if loss in ("soft_kl", "prob_kl") else {}
-    return KDTargets(public_x[idx], values_t, KD_LOSSES.get(loss)(**kwargs))
+    return KDTargets(public_x[idx], values_t, make_kd_loss(loss or default, temperature))
+
+
+def softmax_rows(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise ``softmax(logits / temperature)`` (float64 inside, float32 out)."""
+    z = torch.from_numpy(np.asarray(logits)).double() / temperature
+    return torch.softmax(z, dim=-1).float().numpy()
 
 
 def model_weights(model: nn.Module) -> Weights:
@@ -163,11 +168,10 @@ class ClientNode:
     ) -> ClassKDTargets:
         """Per-class targets for :meth:`train_private`; ``loss="prob_kl"`` when the rows
         are mean probabilities rather than mean logits."""
-        kwargs = {"temperature": temperature} if loss in ("soft_kl", "prob_kl") else {}
         return ClassKDTargets(
             torch.as_tensor(targets.means, dtype=torch.float32, device=self.device),
             torch.as_tensor(targets.counts > 0, device=self.device),
-            KD_LOSSES.get(loss)(**kwargs),
+            make_kd_loss(loss, temperature),
         )
 
     def train_on(
@@ -233,21 +237,23 @@ class ClientNode:
         from fedkd.privacy.dpsgd import dp_train
 
         assert self.privacy is not None
-        epochs = self.settings.local_epochs if epochs is None else epochs
-        out = dp_train(self, self.privacy, epochs=epochs, seed=self.seed)
-        if isinstance(kd, ClassLogits) and kd_weight > 0:
+        if isinstance(kd, ClassLogits) and kd_weight > 0:  # refuse before spending budget
             raise PrivacyError(
                 "per-class KD trains on private samples outside DP-SGD; "
                 "use privacy.mechanism = client_gaussian for this strategy"
             )
+        epochs = self.settings.local_epochs if epochs is None else epochs
+        out = dp_train(self, self.privacy, epochs=epochs, seed=self.seed)
         if kd is not None and kd_weight > 0:
             ratio = kd_weight / (1 - kd_weight) if kd_weight < 1 else 1.0
             steps = max(1, round(ratio * out["dp_steps_round"]))
+            targets = self.kd_targets(kd, temperature, loss)
+            per_epoch = math.ceil(len(targets.logits) / self.settings.batch_size)
             out["kd"] = distill(
                 self.model,
                 self.optimizer,
-                self.kd_targets(kd, temperature, loss),
-                epochs=10**6,
+                targets,
+                epochs=math.ceil(steps / max(per_epoch, 1)),
                 batch_size=self.settings.batch_size,
                 generator=self.generator,
                 max_steps=steps,
@@ -279,9 +285,7 @@ class ClientNode:
 
     def public_probs(self, idx: np.ndarray, temperature: float = 1.0) -> SoftLabels:
         """The student's softmax outputs (at ``temperature``) on public samples ``idx``."""
-        logits = torch.from_numpy(self.public_logits(idx)).double()
-        probs = torch.softmax(logits / temperature, dim=-1).float().numpy()
-        return SoftLabels(np.asarray(idx), probs)
+        return SoftLabels(np.asarray(idx), softmax_rows(self.public_logits(idx), temperature))
 
     def class_mean_logits(self, softmax: bool = False) -> ClassLogits:
         """Mean logit vector (or, with ``softmax``, mean probability vector) of this
@@ -369,8 +373,7 @@ class ServerNode:
     ) -> SoftLabels:
         """``model``'s softmax outputs (at ``temperature``) on public samples ``idx``."""
         logits = self.logits(model, idx)
-        probs = torch.softmax(torch.from_numpy(logits.values).double() / temperature, dim=-1)
-        return SoftLabels(logits.idx, probs.float().numpy())
+        return SoftLabels(logits.idx, softmax_rows(logits.values, temperature))
 
     def distill_into(
         self,

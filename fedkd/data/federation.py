@@ -57,6 +57,11 @@ class FederatedData:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.private_x.shape[1:])
 
+    @property
+    def part_sizes(self) -> dict[int, int]:
+        """Private-set size of every client (what DP-SGD's sample rate depends on)."""
+        return {cid: len(rows) for cid, rows in enumerate(self.parts)}
+
     def client(self, cid: int) -> ClientData:
         rows = self.parts[cid]
         return ClientData(

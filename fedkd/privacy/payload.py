@@ -90,10 +90,9 @@ def central_mean(
     ``N(0, (sigma C)^2)``, divided by the number of ``sampled`` clients (default: the
     payloads'), so that a missing payload counts as zeros, not as a smaller mean."""
     clipped = [clip(p, bound)[0] for p in payloads.values()]
-    first = clipped[0]
-    total = sum(values_of(p) for p in clipped[1:]) + values_of(first)
+    total = sum(values_of(p) for p in clipped)
     total = total + noise.normal(total.shape, sigma * bound, "central", rnd)
     k = len(clipped) if sampled is None else sampled
     if k < len(clipped):
         raise ValueError(f"{len(clipped)} payloads but only {k} sampled clients")
-    return with_values(first, total / k)
+    return with_values(clipped[0], total / k)
