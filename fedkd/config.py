@@ -100,6 +100,8 @@ class ClientsConfig:
     local_epochs: int = 3
     optimizer: str = "adam"
     lr: float = 1e-2
+    # A round fails when fewer than this fraction of its sampled clients reply usably.
+    min_success: float = 0.5
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -111,6 +113,8 @@ class ClientsConfig:
         _positive("batch_size", self.batch_size)
         _positive("local_epochs", self.local_epochs, strict=False)
         _positive("lr", self.lr)
+        if not 0 < self.min_success <= 1:
+            raise ConfigError("min_success", f"must be in (0, 1], got {self.min_success}")
         for section in ("model_groups", "strategies"):
             for key in getattr(self, section):
                 parse_id_range(key, self.count, f"{section}.{key}")
@@ -126,6 +130,9 @@ class ServerConfig:
     optimizer: str = "adam"
     lr: float = 3e-3
     public_subset: int = 0  # public samples used per round; 0 = all of them
+    # How logit-type payloads (logits, soft labels) are combined: mean (the strategy's own
+    # weighting), weighted_mean, median, trimmed_mean, clipped_mean (see fedkd.aggregators).
+    aggregator: Spec = field(default_factory=lambda: Spec("mean"))
 
     def __post_init__(self) -> None:
         _positive("epochs", self.epochs, strict=False)
@@ -154,6 +161,45 @@ class SimulationConfig:
             _positive("num_gpus", self.num_gpus, strict=False)
         _positive("threads", self.threads)
         _positive("round_timeout", self.round_timeout)
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Simulated faults, drawn from the run seed per (round, client) and recorded per round.
+
+    Delays are simulated, not slept: a straggler's reply is late by a seeded delay, and
+    replies later than ``deadline`` are dropped, so runs stay fast and reproducible.
+    """
+
+    dropout: float = 0.0  # probability that a sampled client does not reply in a round
+    stragglers: float = 0.0  # probability that a sampled client is late in a round
+    delay: float = 10.0  # mean extra delay (s) of a late client (exponentially distributed)
+    deadline: float = 0.0  # replies later than this (simulated s) are dropped; 0 = no deadline
+    byzantine: float = 0.0  # Byzantine clients: a count (>= 1) or a fraction of all (< 1)
+    attack: str = "scale"  # random | signflip | scale | labelflip (what Byzantine clients do)
+    scale: float = 100.0  # factor of the scale attack
+
+    def __post_init__(self) -> None:
+        for name in ("dropout", "stragglers"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ConfigError(name, f"must be a probability in [0, 1), got {value!r}")
+        _positive("delay", self.delay, strict=False)
+        _positive("deadline", self.deadline, strict=False)
+        _positive("byzantine", self.byzantine, strict=False)
+        if self.byzantine >= 1 and self.byzantine != int(self.byzantine):
+            raise ConfigError(
+                "byzantine", f"a count must be whole, got {self.byzantine!r} (or a fraction < 1)"
+            )
+        attacks = ("random", "signflip", "scale", "labelflip")
+        if self.attack not in attacks:
+            raise ConfigError("attack", f"must be one of {', '.join(attacks)}; got {self.attack!r}")
+
+    def byzantine_count(self, clients: int) -> int:
+        """How many of ``clients`` are Byzantine."""
+        if self.byzantine >= 1:
+            return int(self.byzantine)
+        return int(round(self.byzantine * clients))
 
 
 @dataclass(frozen=True)
@@ -212,6 +258,7 @@ class Config:
     )
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -222,6 +269,11 @@ class Config:
             raise ConfigError(
                 "clients.count",
                 f"{self.clients.count} clients but only {self.data.private} private samples",
+            )
+        if self.faults.byzantine_count(self.clients.count) > self.clients.count:
+            raise ConfigError(
+                "faults.byzantine",
+                f"{self.faults.byzantine:g} Byzantine clients, {self.clients.count} in all",
             )
         if self.server.public_subset > self.data.public:
             raise ConfigError(

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from fedkd.config import (
 )
 from fedkd.losses import make_kd_loss
 from fedkd.models import build_model
-from fedkd.payloads import ClassLogits, Logits, Payload, SoftLabels, Weights
+from fedkd.payloads import ClassLogits, Logits, Payload, PayloadError, SoftLabels, Weights
 from fedkd.privacy.accounting import PrivacyError, PrivacyLedger
 from fedkd.registry import Registry
 from fedkd.seeding import derive_seed
@@ -63,6 +64,7 @@ from fedkd.training import (
 )
 
 Metrics = dict[str, float]
+LogitsT = TypeVar("LogitsT", Logits, SoftLabels)
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,7 @@ class ServerNode:
     teacher_updates: int = 0  # rounds in which distill_teacher ran
     privacy: PrivacyLedger | None = None  # privacy spent so far (strategies may add to it)
     state: dict[str, Any] = field(default_factory=dict)
+    aggregations: int = 0  # calls of combine() so far (the summary says if the aggregator ran)
 
     @property
     def settings(self) -> ServerConfig:
@@ -374,6 +377,45 @@ class ServerNode:
         """``model``'s softmax outputs (at ``temperature``) on public samples ``idx``."""
         logits = self.logits(model, idx)
         return SoftLabels(logits.idx, softmax_rows(logits.values, temperature))
+
+    def combine(
+        self,
+        payloads: Mapping[int, LogitsT],
+        weights: Sequence[float] | None = None,
+    ) -> LogitsT:
+        """Combine logit-type payloads (all :class:`Logits` or all :class:`SoftLabels`, on
+        the same public indices) with ``server.aggregator``.
+
+        ``weights`` (one per payload, in order) are the strategy's own weighting, used by
+        the ``mean`` aggregator; robust aggregators ignore them. Soft labels come back as
+        probability rows (negative values clipped, rows renormalised).
+        """
+        from fedkd.aggregators import Mean, make_aggregator
+
+        items = list(payloads.items())
+        if not items:
+            raise ValueError("cannot combine zero payloads")
+        kind = type(items[0][1])
+        if kind not in (Logits, SoftLabels) or any(type(p) is not kind for _, p in items):
+            kinds = sorted({type(p).__name__ for _, p in items})
+            raise TypeError(f"combine takes Logits or SoftLabels of one type, got {kinds}")
+        idx = items[0][1].idx
+        if any(not np.array_equal(p.idx, idx) for _, p in items):
+            raise PayloadError("cannot combine payloads over different public indices")
+        aggregator = make_aggregator(self.settings.aggregator)
+        w = None if weights is None else np.asarray(weights, dtype=np.float64)
+        if aggregator.by_size:
+            w = np.asarray([self.num_examples[cid] for cid, _ in items], dtype=np.float64)
+        field_name = "values" if kind is Logits else "probs"
+        stacked = np.stack([getattr(p, field_name) for _, p in items]).astype(np.float64)
+        out = aggregator(stacked, w)
+        self.aggregations += 1
+        if kind is SoftLabels:
+            if not isinstance(aggregator, Mean):  # a mean of probability rows is one already
+                out = np.clip(out, 0.0, None)
+                out = out / np.maximum(out.sum(axis=1, keepdims=True), 1e-12)
+            return SoftLabels(idx.copy(), out.astype(np.float32))  # type: ignore[return-value]
+        return Logits(idx.copy(), out.astype(np.float32))  # type: ignore[return-value]
 
     def distill_into(
         self,

@@ -77,8 +77,9 @@ class CFDServer(ServerStrategy):
     accepts = (QuantizedSoftLabels,)
 
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
-        labels = [p.soft_labels() for p in payloads.values() if isinstance(p, QuantizedSoftLabels)]
-        return SoftLabels.mean(labels)
+        quantized = QuantizedSoftLabels
+        labels = {c: p.soft_labels() for c, p in payloads.items() if isinstance(p, quantized)}
+        return server.combine(labels)
 
     def distill(self, server: ServerNode, aggregate: Payload) -> Metrics:
         assert isinstance(aggregate, SoftLabels)

@@ -79,7 +79,7 @@ class DSFLServer(ServerStrategy):
         return True  # ERA post-processes the mean
 
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
-        mean = SoftLabels.mean([p for p in payloads.values() if isinstance(p, SoftLabels)])
+        mean = server.combine({c: p for c, p in payloads.items() if isinstance(p, SoftLabels)})
         if not self.params.era:
             return mean
         return SoftLabels(mean.idx, era(mean.probs, self.params.era_temperature))

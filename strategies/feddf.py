@@ -81,15 +81,15 @@ class FedDFServer(ServerStrategy):
         groups: dict[str, list[int]] = {}
         for cid in payloads:
             groups.setdefault(str(server.student_spec(cid)), []).append(cid)
-        logits = []
+        logits: dict[int, Logits] = {}
         for cids in groups.values():
             prototype = self._prototype(server, cids[0])
             for cid in cids:  # each client model's logits, for the ensemble
                 load_weights(prototype, payloads[cid])  # type: ignore[arg-type]
-                logits.append(server.logits(prototype, server.public_idx))
+                logits[cid] = server.logits(prototype, server.public_idx)
             avg = Weights.mean([payloads[c] for c in cids], [size[c] for c in cids])  # type: ignore[misc]
             load_weights(prototype, avg)
-        return Logits.mean(logits)  # AVGLOGITS: the uniform mean, as in the paper
+        return server.combine(logits)  # AVGLOGITS: the uniform mean, as in the paper
 
     def distill(self, server: ServerNode, aggregate: Payload) -> Metrics:
         assert isinstance(aggregate, Logits)

@@ -87,4 +87,4 @@ class FedMDServer(ServerStrategy):
         return True
 
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
-        return Logits.mean([p for p in payloads.values() if isinstance(p, Logits)])
+        return server.combine({c: p for c, p in payloads.items() if isinstance(p, Logits)})

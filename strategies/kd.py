@@ -74,7 +74,7 @@ class KDServer(ServerStrategy):
         weights = None
         if self.params.weighted:
             weights = [server.num_examples[cid] for cid in logits]
-        return Logits.mean(list(logits.values()), weights)
+        return server.combine(logits, weights)
 
     def distill(self, server: ServerNode, aggregate: Payload) -> Metrics:
         assert isinstance(aggregate, Logits)
