@@ -10,12 +10,14 @@ its dotted path, and is raised before any simulation starts.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import tomllib
 
@@ -66,8 +68,11 @@ class Spec:
 
 
 def _positive(path: str, value: float, *, strict: bool = True) -> None:
-    if (value <= 0) if strict else (value < 0):
-        raise ConfigError(path, f"must be {'>' if strict else '>='} 0, got {value!r}")
+    bound = f"{'>' if strict else '>='} 0"
+    if not math.isfinite(value):  # from_dict already says so; this is for direct construction
+        raise ConfigError(path, f"must be a finite number {bound}, got {value!r}")
+    if not (value > 0 if strict else value >= 0):
+        raise ConfigError(path, f"must be {bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -261,14 +266,20 @@ class Config:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
-        if self.rounds < 0:
-            raise ConfigError("rounds", f"must be >= 0, got {self.rounds}")
+        if self.rounds < 1:
+            raise ConfigError(
+                "rounds", f"must be >= 1 (the number of federated rounds), got {self.rounds}"
+            )
+        if self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {self.seed} (e.g. seed=0)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device", f"must be one of auto, cpu, cuda; got {self.device!r}")
         if self.clients.count > self.data.private:
             raise ConfigError(
                 "clients.count",
-                f"{self.clients.count} clients but only {self.data.private} private samples",
+                f"{self.clients.count} clients but only {self.data.private} private samples; "
+                f"use clients.count <= {self.data.private} or data.private >= "
+                f"{self.clients.count}",
             )
         if self.faults.byzantine_count(self.clients.count) > self.clients.count:
             raise ConfigError(
@@ -315,14 +326,15 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def _coerce(value: Any, hint: Any, path: str) -> Any:
+def _coerce(value: Any, hint: Any, path: str, default: Any = None) -> Any:
+    """``value`` checked against ``hint`` (an int widens to float); ``default`` is for messages."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, path)
+        return _coerce(value, inner, path, default)
     if hint is Spec:
         return Spec.parse(value, path)
     if dataclasses.is_dataclass(hint):
@@ -337,13 +349,84 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         return {str(k): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if hint is Any:
         return value
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(path, f"must be one of {choices}; got {value!r}")
+        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float) and isinstance(value, bool):
         raise ConfigError(path, f"expected a number, got {value!r}")
+    if hint is float and (_non_finite(value) or isinstance(value, str) and _non_finite_text(value)):
+        example = ""
+        if isinstance(default, int | float) and math.isfinite(default):
+            example = f" (the default is {default!r})"
+        raise ConfigError(path, f"must be a finite number, got {value!r}{example}")
     if isinstance(hint, type) and not isinstance(value, hint):
         raise ConfigError(path, f"expected {hint.__name__}, got {value!r}")
     return value
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _non_finite_text(text: str) -> bool:
+    """``"nan"``, ``"-inf"``, ``"1e999"``...: text that Python reads as a non-finite float."""
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+_RUNTIME_HINTS = {
+    "seed": "set the run's seed instead (e.g. seed=1): fedkd derives the plug-in's from it",
+    "num_samples": "set data.private, data.public and data.test instead",
+    "num_clients": "set clients.count instead",
+    "labels": "the partitioner gets the private labels from the dataset",
+    "input_shape": "the model gets it from the dataset",
+    "num_classes": "the model gets it from the dataset",
+}
+
+
+def check_value(value: Any, hint: Any, path: str, default: Any = None) -> Any:
+    """``value`` checked against type ``hint`` as config fields are (ints widen to float).
+
+    Raises :class:`ConfigError` naming ``path`` for a wrong type, a non-finite float or a
+    value outside a ``Literal``; ``default`` is quoted in the message where it helps.
+    """
+    return _coerce(value, hint, path, default)
+
+
+def check_plugin_params(
+    target: Any, params: Mapping[str, Any], path: str, runtime: tuple[str, ...] = ()
+) -> None:
+    """Check ``params`` against the type hints of ``target``'s keyword parameters.
+
+    Complements :func:`fedkd.registry.bind_params` (which checks the names): a value of
+    the wrong type, a non-finite float or a value outside a ``Literal`` raises a
+    :class:`ConfigError` naming ``path.<param>``. Fedkd passes the ``runtime`` parameters
+    itself, so setting one is an error too. Unannotated parameters are not checked.
+    """
+    for key in runtime:
+        if key in params:
+            hint = _RUNTIME_HINTS.get(key, "")
+            raise ConfigError(
+                f"{path}.{key}",
+                f"is set by fedkd at run time and cannot be configured (got {params[key]!r})"
+                + (f"; {hint}" if hint else ""),
+            )
+    try:
+        sig = inspect.signature(target)
+        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    except (TypeError, ValueError, NameError):  # builtins, unresolvable annotations
+        return
+    for key, value in params.items():
+        param = sig.parameters.get(key)
+        if param is not None and param.kind is not param.VAR_KEYWORD and key in hints:
+            default = None if param.default is param.empty else param.default
+            _coerce(value, hints[key], f"{path}.{key}", default)
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
@@ -356,11 +439,18 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     for key, value in data.items():
         sub = f"{path}.{key}" if path else key
         if key not in fields:
-            raise ConfigError(sub, f"unknown field; valid fields: {', '.join(fields)}")
+            hint = ""
+            if key == "params" and path and isinstance(value, Mapping) and value:
+                inner = next(iter(value))  # `strategy.params.x=1` means `strategy.x=1`
+                hint = f" (a plug-in's parameters sit directly under it: {path}.{inner}=...)"
+            raise ConfigError(sub, f"unknown field; valid fields: {', '.join(fields)}{hint}")
         if hints[key] is Spec and isinstance(value, Mapping) and "name" not in value:
             # `partition.alpha=0.1` tunes the default plug-in instead of replacing it
             value = {**_default(fields[key]).to_dict(), **value}
-        kwargs[key] = _coerce(value, hints[key], sub)
+        default = fields[key].default  # plain defaults only: they are the numbers
+        kwargs[key] = _coerce(
+            value, hints[key], sub, None if default is dataclasses.MISSING else default
+        )
     try:
         return cls(**kwargs)
     except ConfigError as err:
@@ -374,11 +464,16 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _parse_value(text: str) -> Any:
-    """A command-line value as TOML (``3``, ``0.5``, ``true``, ``["a","b"]``), else a string."""
+    """A command-line value as TOML (``3``, ``0.5``, ``true``, ``["a","b"]``), else a string.
+
+    ``nan`` and ``inf`` stay strings: a string field (``name=nan``) takes them as they
+    are, and a float field rejects them as not finite.
+    """
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    return text if _non_finite(value) else value
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -198,11 +198,12 @@ def _error(overrides: list[str], source=None) -> ConfigError:
     return err.value
 
 
-def test_negative_rounds():
-    with pytest.raises(ConfigError, match="rounds: must be >= 0") as err:
-        load_config(None, ["rounds=-1"])
+@pytest.mark.parametrize("rounds", ["-1", "0"])
+def test_rounds_below_one(rounds):
+    with pytest.raises(ConfigError, match="rounds: must be >= 1") as err:
+        load_config(None, [f"rounds={rounds}"])
     assert err.value.field == "rounds"
-    assert load_config(None, ["rounds=0"]).rounds == 0
+    assert load_config(None, ["rounds=1"]).rounds == 1
 
 
 def test_zero_clients():

@@ -3,6 +3,12 @@
 A dataset function takes the number of samples wanted and a seed and returns a
 :class:`Pool`; fedkd then carves disjoint private / public / test splits from it.
 Register your own with ``@DATASETS.register("name")`` or name it by import path.
+
+Two optional attributes let fedkd reject a bad config before generating anything:
+``max_samples`` (an int, or a function of the dataset's parameters returning an int
+or None for "no limit") is how many samples the dataset can provide, and
+``precheck(**params)`` raises :class:`~fedkd.config.ConfigError` for parameter values
+that cannot work. Both get every parameter, defaults filled in.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fedkd.config import ConfigError
+from fedkd.config import ConfigError, check_value
 from fedkd.registry import Registry
 
 
@@ -50,12 +56,8 @@ def mnist1d(num_samples: int, seed: int, **overrides: Any) -> Pool:
 
     from mnist1d.data import get_dataset_args, make_dataset
 
+    _check_mnist1d(**overrides)
     args = get_dataset_args(as_dict=True)
-    unknown = set(overrides) - set(args)
-    if unknown:
-        raise ConfigError(
-            f"data.dataset.{sorted(unknown)[0]}", f"unknown; valid: {', '.join(args)}"
-        )
     # The generator makes a multiple of 10 samples (one template per class): round up, trim.
     args.update(overrides, num_samples=-(-num_samples // 10) * 10, seed=seed, train_split=1.0)
     # make_dataset reseeds NumPy's and Python's global generators: keep the caller's.
@@ -70,10 +72,42 @@ def mnist1d(num_samples: int, seed: int, **overrides: Any) -> Pool:
     return Pool(x, y, 10)
 
 
+_MNIST1D_SET_BY_FEDKD = ("num_samples", "seed", "train_split", "url")
+
+
+def _check_mnist1d(**overrides: Any) -> None:
+    """Overrides must be mnist1d generator arguments of the default's type."""
+    if not overrides:
+        return
+    from mnist1d.data import get_dataset_args
+
+    args = {
+        k: v for k, v in get_dataset_args(as_dict=True).items() if k not in _MNIST1D_SET_BY_FEDKD
+    }
+    for key, value in overrides.items():
+        path = f"data.dataset.{key}"
+        if key not in args:
+            raise ConfigError(path, f"unknown; valid: {', '.join(args)}")
+        default = args[key]
+        if isinstance(default, int | float):  # bool too
+            check_value(value, type(default), path, default)
+        elif not isinstance(value, type(default)):
+            raise ConfigError(
+                path,
+                f"expected a {type(default).__name__} like the default {default!r}, got {value!r}",
+            )
+
+
+mnist1d.precheck = _check_mnist1d  # type: ignore[attr-defined]
+
+
 class _View(dict):
     """mnist1d wants attribute access to its arguments."""
 
     __getattr__ = dict.__getitem__
+
+
+DIGITS_SAMPLES = 1797  # sklearn.datasets.load_digits: the whole data set
 
 
 @DATASETS.register("digits")
@@ -84,6 +118,9 @@ def digits(num_samples: int, seed: int) -> Pool:
     data = load_digits()
     x = (data.data / 16.0).astype(np.float32)
     return Pool(x, data.target.astype(np.int64), 10)
+
+
+digits.max_samples = DIGITS_SAMPLES  # type: ignore[attr-defined]
 
 
 @DATASETS.register("synthetic")
@@ -98,10 +135,7 @@ def synthetic(
     """Gaussian clusters from scikit-learn's ``make_classification``, seeded."""
     from sklearn.datasets import make_classification
 
-    if informative > num_features:
-        raise ConfigError(
-            "data.dataset.informative", f"{informative} > num_features={num_features}"
-        )
+    _check_synthetic(num_features, num_classes, informative)
     x, y = make_classification(
         n_samples=num_samples,
         n_features=num_features,
@@ -113,6 +147,31 @@ def synthetic(
         random_state=seed,
     )
     return Pool(x.astype(np.float32), y.astype(np.int64), num_classes)
+
+
+def _check_synthetic(num_features: int, num_classes: int, informative: int, **_: Any) -> None:
+    """What ``make_classification`` accepts, as errors that name the field."""
+    if num_features < 1:
+        raise ConfigError("data.dataset.num_features", f"must be >= 1, got {num_features}")
+    if num_classes < 2:
+        raise ConfigError("data.dataset.num_classes", f"must be >= 2, got {num_classes}")
+    if not 1 <= informative <= num_features:
+        raise ConfigError(
+            "data.dataset.informative",
+            f"must be in 1..num_features={num_features}, got {informative}",
+        )
+    if num_classes > 2**informative:
+        need = (num_classes - 1).bit_length()
+        more = f" and data.dataset.num_features >= {need}" if need > num_features else ""
+        raise ConfigError(
+            "data.dataset.informative",
+            f"{informative} informative features separate at most {2**informative} classes, "
+            f"not num_classes={num_classes}; use data.dataset.informative >= {need}{more} "
+            "or fewer data.dataset.num_classes",
+        )
+
+
+synthetic.precheck = _check_synthetic  # type: ignore[attr-defined]
 
 
 @DATASETS.register("hf")

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from fedkd.config import Config, ConfigError
+from fedkd.config import Config, ConfigError, check_plugin_params
 from fedkd.data.datasets import DATASETS
 from fedkd.data.partition import PARTITIONERS
 from fedkd.registry import bind_params
@@ -126,14 +128,76 @@ def data_key(config: Config) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+DATASET_RUNTIME = ("num_samples", "seed")
+PARTITION_RUNTIME = ("labels", "num_clients", "seed")
+
+
 def check_data_config(config: Config) -> None:
-    """Name checks of the data plug-ins, cheap enough to run before anything else."""
-    dataset = DATASETS.get(config.data.dataset.name)
-    bind_params(dataset, config.data.dataset.params, "data.dataset", ("num_samples", "seed"))
+    """Check the data plug-ins and sizes, cheaply, before anything is generated.
+
+    Names and types of plug-in parameters, the dataset's ``max_samples`` and both
+    plug-ins' ``precheck`` hooks (see :mod:`fedkd.data.datasets`, :mod:`fedkd.data.partition`).
+    """
+    d = config.data
+    dataset = DATASETS.get(d.dataset.name)
+    check_plugin_params(dataset, d.dataset.params, "data.dataset", DATASET_RUNTIME)
+    bind_params(dataset, d.dataset.params, "data.dataset", DATASET_RUNTIME)
+    full = {**_defaults(dataset, DATASET_RUNTIME), **d.dataset.params}
+    _check_dataset_size(config, dataset, full)
+    precheck = getattr(dataset, "precheck", None)
+    if callable(precheck):
+        precheck(**full)
     partitioner = PARTITIONERS.get(config.partition.name)
-    bind_params(
-        partitioner, config.partition.params, "partition", ("labels", "num_clients", "seed")
+    params = config.partition.params
+    check_plugin_params(partitioner, params, "partition", PARTITION_RUNTIME)
+    bind_params(partitioner, params, "partition", PARTITION_RUNTIME)
+    precheck = getattr(partitioner, "precheck", None)
+    if callable(precheck):
+        full = {**_defaults(partitioner, PARTITION_RUNTIME), **params}
+        precheck(d.private, config.clients.count, **full)
+
+
+def _defaults(fn: Any, runtime: tuple[str, ...]) -> dict[str, Any]:
+    """Keyword parameters of ``fn`` that have defaults, ``runtime`` ones excluded."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return {}
+    return {
+        name: p.default
+        for name, p in sig.parameters.items()
+        if name not in runtime
+        and p.default is not p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _check_dataset_size(config: Config, dataset: Any, params: dict[str, Any]) -> None:
+    """private + public + test must fit the dataset's ``max_samples``, where it has one."""
+    d = config.data
+    limit = getattr(dataset, "max_samples", None)
+    if callable(limit):
+        limit = limit(**params)
+    total = d.private + d.public + d.test
+    if limit is None or total <= limit:
+        return
+    raise ConfigError(
+        "data",
+        f"data.private + data.public + data.test = {d.private} + {d.public} + {d.test} = "
+        f"{total}, but dataset {d.dataset.name!r} has {limit} samples; "
+        f"e.g. {_fitting_sizes(config, limit)}",
     )
+
+
+def _fitting_sizes(config: Config, limit: int) -> str:
+    """Sizes within ``limit``: public and test shrink to round numbers, private takes the rest."""
+    d = config.data
+    public, test = d.public, d.test
+    if public + test > limit // 2:  # scale by limit / total, rounded down to a round number
+        total = d.private + d.public + d.test
+        step = 100 if limit >= 1000 else 10 if limit >= 100 else 1
+        public, test = (max(v * limit // total // step * step, min(v, 1)) for v in (public, test))
+    return f"data.private={limit - public - test} data.public={public} data.test={test}"
 
 
 def build_federated_data(config: Config) -> FederatedData:
@@ -147,7 +211,7 @@ def build_federated_data(config: Config) -> FederatedData:
         raise ConfigError(
             "data",
             f"private+public+test = {total} but dataset {d.dataset.name!r} "
-            f"has {len(pool.y)} samples",
+            f"has {len(pool.y)} samples; e.g. {_fitting_sizes(config, len(pool.y))}",
         )
     order = np.random.default_rng(derive_seed(config.seed, "split")).permutation(len(pool.y))
     priv, pub, test = np.split(order[:total], [d.private, d.private + d.public])
@@ -158,13 +222,7 @@ def build_federated_data(config: Config) -> FederatedData:
         derive_seed(config.seed, "partition"),
         **config.partition.params,
     )
-    if len(parts) != config.clients.count:
-        raise ConfigError(
-            "partition", f"made {len(parts)} partitions for {config.clients.count} clients"
-        )
-    for cid, rows in enumerate(parts):
-        if len(rows) == 0:
-            raise ConfigError("partition", f"client {cid} received no private samples")
+    _check_parts(config, parts)
     assigned = sum(len(rows) for rows in parts)
     if assigned < d.private:
         log.warning(
@@ -183,6 +241,44 @@ def build_federated_data(config: Config) -> FederatedData:
         pool.x[test],
         pool.y[test],
         pool.num_classes,
+    )
+
+
+def _check_parts(config: Config, parts: list[np.ndarray]) -> None:
+    """A partitioner's result: one row array per client, disjoint, in range, big enough.
+
+    Every client needs a sample, and at least ``partition.min_size`` where the
+    partitioner has that parameter.
+    """
+    name, count, private = config.partition.name, config.clients.count, config.data.private
+    if len(parts) != count:
+        raise ConfigError("partition", f"{name!r} made {len(parts)} partitions for {count} clients")
+    rows = np.concatenate([np.asarray(p).ravel() for p in parts])
+    if rows.size and (rows.min() < 0 or rows.max() >= private):
+        raise ConfigError("partition", f"{name!r} returned rows outside 0..{private - 1}")
+    if len(np.unique(rows)) != len(rows):
+        raise ConfigError("partition", f"{name!r} gave some private row to two clients")
+    defaults = _defaults(PARTITIONERS.get(name), PARTITION_RUNTIME)
+    min_size = config.partition.params.get("min_size", defaults.get("min_size", 0))
+    if not isinstance(min_size, int) or isinstance(min_size, bool):
+        min_size = 0
+    sizes = [len(p) for p in parts]
+    need = max(min_size, 1)
+    small = [cid for cid, size in enumerate(sizes) if size < need]
+    if not small:
+        return
+    fixes = "fewer clients.count, a larger data.private or a milder partition (e.g. partition=iid)"
+    if min_size >= 1:
+        field_path = "partition.min_size"
+        what = f"fewer than partition.min_size={min_size} private samples"
+    else:
+        field_path, what = "partition", "no private samples"
+        if "min_size" in defaults or "min_size" in config.partition.params:
+            fixes = f"partition.min_size >= 1, {fixes}"
+    raise ConfigError(
+        field_path,
+        f"{name!r} left {len(small)} of {count} clients with {what} (client {small[0]} has "
+        f"{sizes[small[0]]}); use {fixes}",
     )
 
 
