@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -50,7 +51,10 @@ from fedkd.config import (
 from fedkd.losses import make_kd_loss
 from fedkd.models import build_model
 from fedkd.payloads import ClassLogits, Logits, Payload, PayloadError, SoftLabels, Weights
+from fedkd.privacy import guard
 from fedkd.privacy.accounting import PrivacyError, PrivacyLedger
+from fedkd.privacy.dpsgd import HISTORY_KEY
+from fedkd.privacy.guard import Locked, Sealed, stored
 from fedkd.registry import Registry
 from fedkd.seeding import derive_seed
 from fedkd.training import (
@@ -115,6 +119,16 @@ def model_weights(model: nn.Module) -> Weights:
     return Weights({k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()})
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is ``b`` or a view of its memory."""
+    if a is b:
+        return True
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def load_weights(model: nn.Module, weights: Weights) -> None:
     """Load a :class:`Weights` payload into ``model`` (names and shapes must match)."""
     device = next(model.parameters()).device
@@ -123,36 +137,104 @@ def load_weights(model: nn.Module, weights: Weights) -> None:
     )
 
 
-@dataclass
+_STORED = "__fedkd_stored__"  # the stored values' key in a node's pickled state
+
+
+def _strategy_hook(default: str) -> str:
+    """``Class.method`` of the innermost client strategy method on the call stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ClientStrategy):
+            return f"{type(owner).__name__}.{frame.f_code.co_name}"
+        frame = frame.f_back
+    return default
+
+
+@dataclass(eq=False, repr=False)
 class ClientNode:
     """One client as a strategy sees it: its student, data and persistent state.
 
     ``state`` holds extra values a strategy wants to keep across rounds (saved with
     the student). Tensors live on ``device``. ``public_y`` are the public set's
     labels: only algorithms that assume a *labelled* public set (FedMD) use them.
+
+    Under a training-time privacy mechanism (DP-SGD) the private ``x`` and ``y`` are
+    sealed (:mod:`fedkd.privacy.guard`): reading them raises :class:`PrivacyError`,
+    ``privacy`` and ``settings`` cannot change, and the only way to train on them is
+    :meth:`train_private`. ``strategy_name`` names the strategy in such errors.
     """
 
     cid: int
     round: int
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    x: torch.Tensor
-    y: torch.Tensor
+    x: torch.Tensor = Sealed()  # type: ignore[assignment]
+    y: torch.Tensor = Sealed()  # type: ignore[assignment]
     public_x: torch.Tensor
     public_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    settings: ClientsConfig
+    settings: ClientsConfig = Locked()  # type: ignore[assignment]
     generator: torch.Generator
     device: torch.device
     state: dict[str, Any] = field(default_factory=dict)
-    privacy: PrivacyConfig | None = None  # set when privacy.mechanism is on
+    privacy: PrivacyConfig | None = Locked(None)  # type: ignore[assignment]  # None: no mechanism
     seed: int = 0  # the run seed (DP-SGD noise is derived from it)
+    strategy_name: str = "the client strategy"
+
+    def __post_init__(self) -> None:
+        # what DP-SGD may train: the student and optimizer as the runtime built them
+        guard.store(self, "built", guard.fingerprint(self.model, self.optimizer))
+        guard.store(self, HISTORY_KEY, [tuple(h) for h in self.state.get(HISTORY_KEY, [])])
+        guard.store(self, "dp_ran", HISTORY_KEY in self.state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles carry the stored values, but not while sealed."""
+        return {**self.__dict__, _STORED: guard.snapshot(self)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        guard.restore(self, state.pop(_STORED))
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientNode(cid={self.cid}, round={self.round}, examples={self.num_examples}, "
+            f"sealed={self.sealed})"
+        )
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the private data is sealed (a training-time privacy mechanism is on)."""
+        return guard.sealed(self.privacy)
+
+    def _who(self) -> str:
+        """The client strategy method running now (for error messages)."""
+        return _strategy_hook(self.strategy_name)
+
+    def _sealed_message(self, what: str) -> str:
+        assert self.privacy is not None
+        return guard.sealed_message(self._who(), what, self.privacy)
+
+    def private_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The private ``(x, y)``, for fedkd's runtime only (DP-SGD, the membership audit):
+        while sealed, any other caller gets :class:`PrivacyError`."""
+        if self.sealed and not guard.runtime_caller():
+            raise PrivacyError(self._sealed_message("node.private_data()"))
+        return stored(self, "x"), stored(self, "y")
+
+    def dp_history(self) -> list[tuple[float, float, int]] | None:
+        """This client's DP-SGD accountant history over all its rounds, as the runtime kept
+        it (whatever a strategy wrote to ``state``); None if DP-SGD never ran for it."""
+        if not stored(self, "dp_ran"):
+            return None
+        return list(stored(self, HISTORY_KEY))
 
     @property
     def num_examples(self) -> int:
-        return len(self.y)
+        return len(stored(self, "y"))
 
     @property
     def dpsgd(self) -> bool:
@@ -187,9 +269,9 @@ class ClientNode:
     ) -> Metrics:
         """Epochs of cross-entropy on (x, y), optionally mixed with a KD term.
 
-        Not for the private data under DP-SGD (use :meth:`train_private`)."""
-        if self.dpsgd and x is self.x:
-            raise PrivacyError("under DP-SGD, train on private data with train_private")
+        Not for the private data while it is sealed (use :meth:`train_private`)."""
+        if self.sealed and _shares_memory(x, stored(self, "x")):
+            raise PrivacyError(self._sealed_message("the private data (in train_on)"))
         return train_supervised(
             self.model,
             self.optimizer,
@@ -222,7 +304,8 @@ class ClientNode:
             targets = self.kd_targets(kd, temperature, loss)
         elif isinstance(kd, ClassLogits):
             targets = self.class_kd_targets(kd, temperature, loss or "soft_kl")
-        return self.train_on(self.x, self.y, epochs=epochs, kd=targets, kd_weight=kd_weight)
+        x, y = self.private_data()
+        return self.train_on(x, y, epochs=epochs, kd=targets, kd_weight=kd_weight)
 
     def _train_private_dp(
         self,
@@ -236,16 +319,15 @@ class ClientNode:
         inputs, runs as separate, non-private steps on the public targets, as many as
         ``kd_weight / (1 - kd_weight)`` times the DP-SGD steps (the same balance as the
         mixed loss without DP)."""
-        from fedkd.privacy.dpsgd import dp_train
-
         assert self.privacy is not None
         if isinstance(kd, ClassLogits) and kd_weight > 0:  # refuse before spending budget
             raise PrivacyError(
-                "per-class KD trains on private samples outside DP-SGD; "
-                "use privacy.mechanism = client_gaussian for this strategy"
+                f"{self._who()}: per-class KD trains on private samples outside DP-SGD, "
+                f"which privacy.mechanism = {self.privacy.mechanism!r} forbids; use "
+                "privacy.mechanism = 'client_gaussian' for this strategy"
             )
         epochs = self.settings.local_epochs if epochs is None else epochs
-        out = dp_train(self, self.privacy, epochs=epochs, seed=self.seed)
+        out = self._dp_sgd(epochs)
         if kd is not None and kd_weight > 0:
             ratio = kd_weight / (1 - kd_weight) if kd_weight < 1 else 1.0
             steps = max(1, round(ratio * out["dp_steps_round"]))
@@ -261,6 +343,11 @@ class ClientNode:
                 max_steps=steps,
             )["kd"]
         return out
+
+    def _dp_sgd(self, epochs: int) -> Metrics:
+        from fedkd.privacy.dpsgd import dp_train
+
+        return dp_train(self, epochs=epochs)
 
     def distill_public(
         self,
@@ -292,15 +379,17 @@ class ClientNode:
     def class_mean_logits(self, softmax: bool = False) -> ClassLogits:
         """Mean logit vector (or, with ``softmax``, mean probability vector) of this
         client's private samples of each class (FD)."""
-        if self.dpsgd:
+        if self.privacy is not None and self.sealed:
             raise PrivacyError(
-                "per-class means are computed from private data outside DP-SGD; "
-                "use privacy.mechanism = client_gaussian for this strategy"
+                f"{self._who()}: per-class means are computed from private data outside "
+                f"DP-SGD, which privacy.mechanism = {self.privacy.mechanism!r} forbids; use "
+                "privacy.mechanism = 'client_gaussian' for this strategy"
             )
-        logits = predict_logits(self.model, self.x).double().cpu()
+        x, y = self.private_data()
+        logits = predict_logits(self.model, x).double().cpu()
         if softmax:
             logits = torch.softmax(logits, dim=-1)
-        y = self.y.cpu()
+        y = y.cpu()
         c = self.num_classes
         sums = torch.zeros(c, c, dtype=torch.float64).index_add_(0, y, logits)
         counts = torch.bincount(y, minlength=c).double()

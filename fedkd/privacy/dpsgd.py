@@ -5,12 +5,17 @@ clipping to ``max_grad_norm``, Gaussian noise ``noise_multiplier * max_grad_norm
 Poisson-sampled batches of expected size ``clients.batch_size``), trains the given
 epochs of cross-entropy on the private data, then unwraps them, so the student is
 a plain module again for prediction, payloads and saving. The accountant's history
-is kept in ``node.state`` and restored next round, so epsilon composes over all the
-rounds a client took part in.
+is kept by the runtime (mirrored in ``node.state``, saved and restored next round),
+so epsilon composes over all the rounds a client took part in.
+
+The private data is read only here, through ``node.private_data()`` (it is sealed
+from strategies, :mod:`fedkd.privacy.guard`); the KD steps that may follow touch only
+public inputs (:meth:`fedkd.strategy.ClientNode.train_private`).
 """
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +67,7 @@ def _check_budget(node: ClientNode, privacy: PrivacyConfig, history: list, epoch
         dpsgd_steps_per_round,
     )
 
-    q, steps = dpsgd_steps_per_round(len(node.y), node.settings.batch_size, epochs)
+    q, steps = dpsgd_steps_per_round(node.num_examples, node.settings.batch_size, epochs)
     eps = accountant_epsilon(
         [*history, (privacy.noise_multiplier, q, steps)], privacy.delta, privacy.accountant
     )
@@ -73,26 +78,47 @@ def _check_budget(node: ClientNode, privacy: PrivacyConfig, history: list, epoch
         )
 
 
-def dp_train(node: ClientNode, privacy: PrivacyConfig, *, epochs: int, seed: int) -> dict[str, Any]:
-    """``epochs`` of DP-SGD cross-entropy on the client's private data."""
+def dp_train(node: ClientNode, *, epochs: int) -> dict[str, Any]:
+    """``epochs`` of DP-SGD cross-entropy on the client's private data, under the node's
+    own (locked) privacy settings and its runtime-kept accountant history.
+
+    Refuses, before touching the data, steps past the budget and a student or optimizer
+    that anything but Opacus could watch (:func:`fedkd.privacy.guard.check_untampered`).
+    """
+    try:
+        return _dp_steps(node, epochs)
+    except BaseException as err:
+        traceback.clear_frames(err.__traceback__)  # no private batch stays reachable from it
+        raise
+
+
+def _dp_steps(node: ClientNode, epochs: int) -> dict[str, Any]:
+    """The checks, then Opacus wraps the student, trains ``epochs`` and is removed; the
+    steps taken are accounted even if training fails part-way."""
+    from fedkd.privacy import guard
+
+    privacy = node.privacy
+    if privacy is None or privacy.mechanism != "dpsgd":
+        raise ValueError("dp_train needs a node under privacy.mechanism = 'dpsgd'")
+    history = list(guard.stored(node, HISTORY_KEY))
+    _check_budget(node, privacy, history, epochs)
+    guard.check_untampered(node)
     from opacus import PrivacyEngine
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Secure RNG turned off": we say so in the docs
         engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=privacy.secure_noise)
-    history = list(node.state.get(HISTORY_KEY, []))
     engine.accountant.history = history
     prior_steps = int(sum(h[2] for h in history))
     loader = DataLoader(
-        TensorDataset(node.x, node.y), batch_size=node.settings.batch_size, shuffle=False
+        TensorDataset(*node.private_data()), batch_size=node.settings.batch_size, shuffle=False
     )
     # keyed by the steps taken so far too: two calls in one round never share noise
     noise = None
     if not privacy.secure_noise:
-        noise = torch_generator(seed, "dpsgd", node.round, node.cid, prior_steps)
+        noise = torch_generator(node.seed, "dpsgd", node.round, node.cid, prior_steps)
         if node.device.type != "cpu":
             noise = torch.Generator(device=node.device).manual_seed(int(noise.initial_seed()))
-    _check_budget(node, privacy, history, epochs)
     model, optimizer, private_loader = engine.make_private(
         module=node.model,
         optimizer=node.optimizer,
@@ -122,5 +148,8 @@ def dp_train(node: ClientNode, privacy: PrivacyConfig, *, epochs: int, seed: int
         for p in node.model.parameters():
             p.grad_sample = None
             p.grad = None
-    node.state[HISTORY_KEY] = [tuple(h) for h in engine.accountant.history]
+        history = [tuple(h) for h in engine.accountant.history]
+        guard.store(node, HISTORY_KEY, history)
+        guard.store(node, "dp_ran", True)
+        node.state[HISTORY_KEY] = list(history)
     return {"ce": total / max(steps, 1), "dp_steps_round": float(steps)}
