@@ -502,6 +502,10 @@ class ServerNode:
         if kind is SoftLabels:
             if not isinstance(aggregator, Mean):  # a mean of probability rows is one already
                 out = np.clip(out, 0.0, None)
+                total = out.sum(axis=1, keepdims=True)
+                # e.g. the median of disagreeing one-hot rows is all zeros: use their mean
+                empty = total[:, 0] <= 1e-12
+                out[empty] = stacked.mean(axis=0)[empty]
                 out = out / np.maximum(out.sum(axis=1, keepdims=True), 1e-12)
             return SoftLabels(idx.copy(), out.astype(np.float32))  # type: ignore[return-value]
         return Logits(idx.copy(), out.astype(np.float32))  # type: ignore[return-value]
