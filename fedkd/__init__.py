@@ -4,7 +4,7 @@ Quick start::
 
     import fedkd
     result = fedkd.run()  # the quick-start experiment (MNIST-1D, 10 clients)
-    print(result.summary["final"])
+    print(result.summary.final)
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "RunResult", "load_config", "run"]
+__all__ = ["Config", "ConfigError", "RunError", "RunResult", "load_config", "resume", "run"]
 
 if TYPE_CHECKING:
     from fedkd.config import Config, ConfigError, load_config
-    from fedkd.simulation import RunResult, run
+    from fedkd.simulation import RunError, RunResult, resume, run
 
 
 def __getattr__(name: str) -> Any:
@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
         from fedkd import config
 
         return getattr(config, name)
-    if name in ("run", "RunResult"):
+    if name in ("run", "resume", "RunResult", "RunError"):
         from fedkd import simulation
 
         return getattr(simulation, name)

@@ -1,4 +1,10 @@
-"""Command line: ``fedkd run [config.toml] [field=value ...]``, ``fedkd bench``, ``fedkd list``."""
+"""Command line: ``fedkd run [config.toml] [field=value ...]``, ``fedkd resume RUN_DIR``,
+``fedkd bench``, ``fedkd list``.
+
+Exit codes: 0 completed; 1 failed; 2 bad config or input (nothing ran); 3 completed
+with failures; 4 stopped early (privacy budget); 130 interrupted. ``--allow-partial``
+makes 3 and 4 exit 0.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +15,54 @@ _STARTED = time.time()  # before the heavy imports: start-up is measured from he
 import argparse  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+
+def _outcome(call: Callable[[], Any], allow_partial: bool) -> int:
+    """Run ``call`` (a run or a resume) and turn how it ended into an exit code."""
+    from fedkd.config import ConfigError
+    from fedkd.privacy.accounting import PrivacyError
+    from fedkd.registry import UnknownNameError
+    from fedkd.simulation import RunError
+
+    try:
+        result = call()
+    except (ConfigError, UnknownNameError, PrivacyError) as err:
+        print(f"fedkd: config error: {err}", file=sys.stderr)
+        return 2
+    except RunError as err:
+        print(f"fedkd: {err.result.summary.status}", file=sys.stderr)
+        return err.result.exit_code
+    except KeyboardInterrupt:
+        print("fedkd: interrupted; finished rounds are in the run folder", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(130)  # Ray's and Flower's threads may still be winding down
+    code = result.exit_code
+    return 0 if allow_partial and code in (3, 4) else code
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedkd.config import ConfigError
-    from fedkd.registry import UnknownNameError
     from fedkd.simulation import run
 
     config = None
     overrides = list(args.items)
     if overrides and "=" not in overrides[0]:
         config = overrides.pop(0)
-    try:
-        run(config, overrides, quiet=args.quiet, started=_STARTED)
-    except (ConfigError, UnknownNameError) as err:
-        print(f"fedkd: config error: {err}", file=sys.stderr)
+    return _outcome(
+        lambda: run(config, overrides, quiet=args.quiet, started=_STARTED), args.allow_partial
+    )
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from fedkd.simulation import resume
+
+    if len(args.items) != 1:
+        print("fedkd resume: give exactly one run folder", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nfedkd: interrupted; finished rounds are in the run directory", file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(130)  # Ray and Flower threads may still be winding down
-    return 0
+    return _outcome(
+        lambda: resume(args.items[0], quiet=args.quiet, started=_STARTED), args.allow_partial
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -59,10 +92,19 @@ def _list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run an experiment (default: the quick-start)")
-    p.add_argument("items", nargs="*", help="[config.toml] [field.path=value ...]")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
-    p.set_defaults(fn=_run)
+    for name, fn, items, text in (
+        ("run", _run, "[config.toml] [field.path=value ...]", "run an experiment"),
+        ("resume", _resume, "RUN_DIR", "continue a killed or interrupted run"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("items", nargs="*", help=items)
+        p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+        p.add_argument(
+            "--allow-partial",
+            action="store_true",
+            help="exit 0 also for 'completed with failures' and 'stopped early'",
+        )
+        p.set_defaults(fn=fn)
     b = sub.add_parser("bench", help="time fedkd against a plain PyTorch loop", add_help=False)
     b.add_argument("items", nargs="*", help="[--repeats N] [field.path=value ...]")
     args_list = sys.argv[1:] if argv is None else argv

@@ -16,13 +16,16 @@ import numpy as np
 import torch
 
 from fedkd.config import Config, Spec, parse_id_range
+from fedkd.contracts import check_metrics, check_payload
 from fedkd.data import load_federated_data
+from fedkd.faults import attack_payload, attack_rng, byzantine_clients, flip_labels
 from fedkd.models import build_model
-from fedkd.payloads import Payload
+from fedkd.payloads import Payload, PayloadError
 from fedkd.privacy.accounting import accountant_epsilon
 from fedkd.privacy.dpsgd import HISTORY_KEY
 from fedkd.privacy.noise import NoiseSource
 from fedkd.seeding import derive_seed, torch_generator
+from fedkd.state_store import DiskStateStore, MemoryStateStore, StateStore
 from fedkd.strategy import ClientNode, client_strategy, server_strategy
 from fedkd.training import make_optimizer, to_tensor
 
@@ -52,17 +55,64 @@ class FitReply:
     metrics: dict[str, float]
 
 
-class ClientRuntime:
-    """Runs rounds for any client of one experiment (one instance per worker process)."""
+class TargetsError(RuntimeError):
+    """The server's targets could not be read or validated by the client (the server's
+    fault, so the failure is recorded against the server side)."""
 
-    def __init__(self, config: Config, data_path: str) -> None:
+
+def _safe_globals() -> list[Any]:
+    """NumPy's array reconstruction (data only), for ``torch.load(weights_only=True)``."""
+    from numpy._core.multiarray import _reconstruct
+
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [_reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def load_state(blob: bytes) -> dict[str, Any]:
+    """A saved client state, loaded without unpickling code (``weights_only=True``)."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(io.BytesIO(blob), weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(blob))
+        raise RuntimeError(
+            f"the client's saved state holds {', '.join(found) or 'a type'} that cannot be loaded "
+            "without running pickled code; keep node.state to tensors, NumPy arrays, numbers, "
+            "strings, lists, tuples and dicts"
+        ) from err
+
+
+def dump_state(node: ClientNode) -> bytes:
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "model": node.model.state_dict(),
+            "optimizer": node.optimizer.state_dict(),
+            "extra": node.state,
+        },
+        buf,
+    )
+    return buf.getvalue()
+
+
+class ClientRuntime:
+    """Runs rounds for any client of one experiment (one instance per worker process).
+
+    Client state lives in ``store`` between rounds (see :mod:`fedkd.state_store`).
+    """
+
+    def __init__(self, config: Config, data_path: str, store: StateStore | None = None) -> None:
         self.config = config
         self.data = load_federated_data(data_path)
         self.device = resolve_device(config)
+        self.store: StateStore = store if store is not None else MemoryStateStore()
         # resolve every strategy once: imports users' modules, registering their payload kinds
         server_strategy(config)
         for cid in range(config.clients.count):
             client_strategy(config, cid)
+        self.byzantine = frozenset(byzantine_clients(config))
         torch.set_num_threads(config.simulation.threads)
 
     def warm_up(self) -> None:
@@ -78,29 +128,16 @@ class ClientRuntime:
             opt.step()
         self._warm = True
 
-    def fit(
-        self,
-        cid: int,
-        rnd: int,
-        state: bytes | None,
-        targets: Payload | None,
-        public_idx: np.ndarray,
-    ) -> tuple[FitReply, bytes]:
-        """One round for client ``cid``; returns the reply and the client's new state."""
-        start = time.perf_counter()
-        cfg = self.config
-        if not 0 <= cid < cfg.clients.count:
-            raise ValueError(f"client id {cid} outside 0..{cfg.clients.count - 1}")
-        if targets is not None:
-            targets.validate(num_classes=self.data.num_classes)  # PayloadError names the fault
-        torch.manual_seed(derive_seed(cfg.seed, "client-global", rnd, cid))
+    def _node(self, cid: int, rnd: int, state: bytes | None, strategy: Any) -> ClientNode:
+        """Client ``cid``'s student (restored from ``state``), data and settings."""
+        cfg, dev = self.config, self.device
         data = self.data.client(cid)
         model = build_model(
             student_spec(cfg, cid),
             self.data.input_shape,
             self.data.num_classes,
             seed=derive_seed(cfg.seed, "student", cid),
-        ).to(self.device)
+        ).to(dev)
         if cfg.privacy.mechanism == "dpsgd":
             from fedkd.privacy.dpsgd import make_compatible
 
@@ -108,20 +145,24 @@ class ClientRuntime:
         optimizer = make_optimizer(cfg.clients.optimizer, model, cfg.clients.lr)
         extra: dict[str, Any] = {}
         if state is not None:
-            saved = torch.load(io.BytesIO(state), weights_only=False)
+            saved = load_state(state)
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             extra = saved["extra"]
-        dev = self.device
-        node = ClientNode(
+        y = to_tensor(data.y, dev)
+        public_y = to_tensor(data.public_y, dev)
+        if cid in self.byzantine and cfg.faults.attack == "labelflip":
+            y = flip_labels(y, data.num_classes)
+            public_y = flip_labels(public_y, data.num_classes)  # FedMD trains on public labels
+        return ClientNode(
             cid=cid,
             round=rnd,
             model=model,
             optimizer=optimizer,
             x=to_tensor(data.x, dev),
-            y=to_tensor(data.y, dev),
+            y=y,
             public_x=to_tensor(data.public_x, dev),
-            public_y=to_tensor(data.public_y, dev),
+            public_y=public_y,
             test_x=to_tensor(data.test_x, dev),
             test_y=to_tensor(data.test_y, dev),
             num_classes=data.num_classes,
@@ -131,15 +172,50 @@ class ClientRuntime:
             state=extra,
             privacy=cfg.privacy if cfg.privacy.mechanism != "none" else None,
             seed=cfg.seed,
+            strategy_name=type(strategy).__name__,
         )
+
+    def fit(self, cid: int, rnd: int, targets: Payload | None, public_idx: np.ndarray) -> FitReply:
+        """One round for client ``cid``: restore, train, predict, release, evaluate, save."""
+        start = time.perf_counter()
+        cfg = self.config
+        if not 0 <= cid < cfg.clients.count:
+            raise ValueError(f"client id {cid} outside 0..{cfg.clients.count - 1}")
+        if targets is not None:
+            try:
+                targets.validate(num_classes=self.data.num_classes)
+            except PayloadError as err:
+                why = f"invalid {targets.kind} targets from the server: {err}"
+                raise TargetsError(why) from err
+        torch.manual_seed(derive_seed(cfg.seed, "client-global", rnd, cid))
         strategy = client_strategy(cfg, cid)
+        state = self.store.load(cid, rnd)
+        node = self._node(cid, rnd, state, strategy)
         if state is None:
             strategy.setup(node)
-        metrics = {f"train_{k}": float(v) for k, v in strategy.train(node, targets).items()}
-        payload = strategy.predict(node, public_idx)
+        trained = check_metrics(strategy, "train", strategy.train(node, targets))
+        metrics = {f"train_{k}": v for k, v in trained.items()}
+        payload = check_payload(strategy, "predict", strategy.predict(node, public_idx))
+        payload = self._release(node, payload, metrics)
+        metrics.update(self._evaluate(node))
+        metrics["num_examples"] = float(node.num_examples)
+        metrics["seconds"] = time.perf_counter() - start
+        self.store.save(cid, rnd, dump_state(node))
+        return FitReply(cid, payload, metrics)
+
+    def _release(
+        self, node: ClientNode, payload: Payload | None, metrics: dict[str, float]
+    ) -> Payload | None:
+        """What leaves the client: a Byzantine client's attack, then local DP noise."""
+        cfg, cid, rnd = self.config, node.cid, node.round
+        if payload is not None and cid in self.byzantine:
+            rng = attack_rng(cfg, rnd, cid)
+            f = cfg.faults
+            payload = attack_payload(payload, f.attack, f.scale, self.data.num_classes, rng)
         privacy = cfg.privacy
-        if HISTORY_KEY in node.state:  # DP-SGD: this client's accountant, over all its rounds
-            history = node.state[HISTORY_KEY]
+        history = node.dp_history()
+        if history is not None:  # DP-SGD: this client's accountant, as the runtime kept it
+            node.state[HISTORY_KEY] = history  # saved as kept, whatever the strategy wrote
             metrics["dp_steps"] = float(sum(h[2] for h in history))
             metrics["epsilon"] = accountant_epsilon(history, privacy.delta, privacy.accountant)
         if (
@@ -152,32 +228,26 @@ class ClientRuntime:
             noise = NoiseSource(cfg.seed, privacy.secure_noise)
             sigma = privacy.noise_multiplier
             payload = local_release(payload, privacy.clip, sigma, noise, rnd, cid)
-        metrics.update(node.evaluate())
-        if privacy.audit:
+        return payload
+
+    def _evaluate(self, node: ClientNode) -> dict[str, float]:
+        """Test metrics of the student, and the membership audit where asked for."""
+        metrics = node.evaluate()
+        if self.config.privacy.audit:
             from fedkd.privacy.audit import loss_attack
 
-            metrics.update(loss_attack(node.model, (node.x, node.y), (node.test_x, node.test_y)))
-        metrics["num_examples"] = float(node.num_examples)
-        metrics["seconds"] = time.perf_counter() - start
-        buf = io.BytesIO()
-        torch.save(
-            {
-                "model": node.model.state_dict(),
-                "optimizer": node.optimizer.state_dict(),
-                "extra": node.state,
-            },
-            buf,
-        )
-        return FitReply(cid, payload, metrics), buf.getvalue()
+            members = node.private_data()
+            metrics.update(loss_attack(node.model, members, (node.test_x, node.test_y)))
+        return metrics
 
 
 _RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}
 
 
-def get_runtime(config: Config, data_path: str) -> ClientRuntime:
+def get_runtime(config: Config, data_path: str, state_dir: str) -> ClientRuntime:
     """The process-wide runtime for this experiment (data loaded once per worker)."""
-    key = (repr(config), data_path)
+    key = (repr(config), data_path, state_dir)
     if key not in _RUNTIMES:
         _RUNTIMES.clear()
-        _RUNTIMES[key] = ClientRuntime(config, data_path)
+        _RUNTIMES[key] = ClientRuntime(config, data_path, DiskStateStore(state_dir))
     return _RUNTIMES[key]

@@ -4,14 +4,23 @@ The apps are thin: they convert records to typed payloads and call the shared
 round loop (:class:`fedkd.rounds.Federation`) and client code
 (:class:`fedkd.client.ClientRuntime`). Messages carry public-set *indices* and
 logits, never public inputs. Each client's student and optimizer persist across
-rounds in Flower's ``Context.state``.
+rounds in the run folder's client-state store (:mod:`fedkd.state_store`), which is
+also what checkpoints and ``fedkd resume`` rely on.
+
+A client's exception is caught in its handler and sent back as one plain line plus
+the traceback, so neither Flower nor Ray prints it; the server logs it once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -19,42 +28,56 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedkd.client import FitReply, get_runtime
+from fedkd.client import FitReply, TargetsError, get_runtime
 from fedkd.config import Config
-from fedkd.data import FederatedData
 from fedkd.payloads import Payload
-from fedkd.rounds import Failure, Federation, RoundCallback
+from fedkd.results.rundir import plain_text
+from fedkd.rounds import ErrorLog, Failure, Federation, Interrupted, RoundCallback, RunFailed
 from fedkd.wire import arrays_to_record, payload_to_record, record_to_payload
 
 log = logging.getLogger("fedkd")
-STATE_KEY = "fedkd.client"
 
 
-def make_client_app(config: Config, data_path: str) -> ClientApp:
-    """A ClientApp whose node with partition id i acts as client i."""
+def _error_reply(msg: Message, cid: int, err: BaseException) -> Message:
+    """A reply that reports a failure in one plain line, with the traceback beside it
+    (so Flower and Ray print nothing, and the server logs it once to errors.log)."""
+    f = Failure.from_exception(cid, err)
+    content = {"cid": cid, "error": f.error, "side": f.side, "traceback": f.traceback or ""}
+    return Message(RecordDict({"error": ConfigRecord(content)}), reply_to=msg)
+
+
+def make_client_app(config: Config, data_path: str, state_dir: str) -> ClientApp:
+    """A ClientApp whose node with partition id i acts as client i; client state is kept
+    in ``state_dir`` (see :mod:`fedkd.state_store`)."""
     app = ClientApp()
 
     @app.query("hello")
     def hello(msg: Message, context: Context) -> Message:
-        get_runtime(config, data_path).warm_up()  # imports, data, first optimizer step
         cid = int(context.node_config["partition-id"])
+        try:
+            get_runtime(config, data_path, state_dir).warm_up()  # imports, data, first step
+        except Exception as err:
+            return _error_reply(msg, cid, err)
         return Message(RecordDict({"meta": ConfigRecord({"cid": cid})}), reply_to=msg)
 
     @app.query("fit")
     def fit(msg: Message, context: Context) -> Message:
         cid = int(context.node_config["partition-id"])
         content = msg.content
-        rnd = int(content.config_records["config"]["round"])
-        idx = content.array_records["query"]["public_idx"].numpy()
-        runtime = get_runtime(config, data_path)  # imports user strategies (and their payloads)
-        targets = None
-        if "targets" in content.array_records:
-            kind = str(content.config_records["config"]["targets_kind"])
-            targets = record_to_payload(kind, content.array_records["targets"])
-        saved = context.state.config_records.get(STATE_KEY)
-        state = bytes(saved["blob"]) if saved is not None else None
-        reply, new_state = runtime.fit(cid, rnd, state, targets, idx)
-        context.state.config_records[STATE_KEY] = ConfigRecord({"blob": new_state})
+        try:
+            rnd = int(content.config_records["config"]["round"])
+            idx = content.array_records["query"]["public_idx"].numpy()
+            runtime = get_runtime(config, data_path, state_dir)  # imports user strategies
+            targets = None
+            if "targets" in content.array_records:
+                kind = str(content.config_records["config"]["targets_kind"])
+                try:
+                    targets = record_to_payload(kind, content.array_records["targets"])
+                except Exception as err:
+                    raise TargetsError(f"unreadable {kind} targets from the server: {err}") from err
+            reply = runtime.fit(cid, rnd, targets, idx)
+        except Exception as err:
+            return _error_reply(msg, cid, err)
         out = RecordDict(
             {
                 "meta": ConfigRecord(
@@ -70,17 +93,46 @@ def make_client_app(config: Config, data_path: str) -> ClientApp:
     return app
 
 
-class FlowerTransport:
-    """Sends a round's request to the sampled clients' nodes through the Grid."""
+def _read_reply(cid: int, reply: Message) -> FitReply | Failure:
+    """A client's reply message as a FitReply, or the Failure it reports."""
+    if reply.has_error():  # raised outside our handler (e.g. the worker died)
+        text = plain_text(str(reply.error.reason))
+        lines = [x for x in text.strip().splitlines() if x.strip()]
+        last = lines[-1] if lines else "unknown error"
+        return Failure(cid, f"client raised: {last}", "client", text)
+    if "error" in reply.content.config_records:
+        e = reply.content.config_records["error"]
+        return Failure(cid, str(e["error"]), str(e["side"]), str(e["traceback"]) or None)
+    meta = reply.content.config_records["meta"]
+    payload = None
+    if meta["kind"]:
+        try:
+            payload = record_to_payload(str(meta["kind"]), reply.content["payload"])
+        except Exception as err:  # unknown kind or missing arrays: the client's fault
+            return Failure(cid, f"unreadable {meta['kind']} payload: {err}")
+    metrics = {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
+    return FitReply(cid, payload, metrics)
 
-    def __init__(self, grid: Grid, nodes: dict[int, int], timeout: float) -> None:
+
+class FlowerTransport:
+    """Sends a round's request to the sampled clients' nodes through the Grid, and waits
+    for the replies until ``timeout`` or until ``stop`` is set (Ctrl-C)."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        nodes: dict[int, int],
+        timeout: float,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.grid = grid
         self.nodes = nodes  # client id -> node id
         self.timeout = timeout
+        self.stop = stop
 
-    def fit(
+    def _messages(
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
-    ) -> dict[int, FitReply | Failure]:
+    ) -> list[Message]:
         query = arrays_to_record({"public_idx": public_idx})
         records: dict[int, RecordDict] = {}  # one record per distinct targets object
         messages = []
@@ -101,25 +153,25 @@ class FlowerTransport:
                     group_id=str(rnd),
                 )
             )
-        cids = list(requests)
+        return messages
+
+    def fit(
+        self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
+    ) -> dict[int, FitReply | Failure]:
         by_node = {node: cid for cid, node in self.nodes.items()}
+        pending = set(self.grid.push_messages(self._messages(rnd, requests, public_idx)))
         out: dict[int, FitReply | Failure] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            cid = by_node[reply.metadata.src_node_id]
-            if reply.has_error():
-                out[cid] = Failure(cid, f"client raised: {reply.error.reason}")
-                continue
-            meta = reply.content.config_records["meta"]
-            payload = None
-            if meta["kind"]:
-                try:
-                    payload = record_to_payload(str(meta["kind"]), reply.content["payload"])
-                except Exception as err:  # unknown kind or missing arrays: reject the reply
-                    out[cid] = Failure(cid, f"unreadable payload: {err}")
-                    continue
-            metrics = {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
-            out[cid] = FitReply(cid, payload, metrics)
-        for cid in cids:
+        deadline = time.monotonic() + self.timeout
+        while pending and time.monotonic() < deadline:
+            if self.stop is not None and self.stop.is_set():
+                raise Interrupted(f"stopped during round {rnd}")
+            for reply in self.grid.pull_messages(pending):
+                pending.discard(reply.metadata.reply_to_message_id)
+                cid = by_node[reply.metadata.src_node_id]
+                out[cid] = _read_reply(cid, reply)
+            if pending:
+                time.sleep(0.01)
+        for cid in requests:
             out.setdefault(cid, Failure(cid, f"no reply within {self.timeout:g} s"))
         return out
 
@@ -142,16 +194,24 @@ def _handshake(grid: Grid, nodes: Iterable[int], timeout: float) -> dict[int, in
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
-            raise RuntimeError(f"a client failed to start: {reply.error.reason}")
+            raise RunFailed(f"a client failed to start: {plain_text(str(reply.error.reason))}")
+        if "error" in reply.content.config_records:
+            e = reply.content.config_records["error"]
+            raise RunFailed(f"client {e['cid']} failed to start: {e['error']}")
         mapping[int(reply.content.config_records["meta"]["cid"])] = reply.metadata.src_node_id
     return mapping
 
 
 def make_server_app(
-    config: Config, data: FederatedData, on_round: RoundCallback | None, box: dict[str, Any]
+    federation: Federation,
+    on_round: RoundCallback | None,
+    box: dict[str, Any],
+    stop: threading.Event | None = None,
+    errors: ErrorLog | None = None,
 ) -> ServerApp:
-    """A ServerApp that runs the federation; results and timings go into ``box``."""
+    """A ServerApp that runs (or continues) ``federation``; timings go into ``box``."""
     app = ServerApp()
+    config = federation.config
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -160,11 +220,10 @@ def make_server_app(
         mapping = _handshake(grid, nodes, timeout)
         missing = sorted(set(range(config.clients.count)) - set(mapping))
         if missing:
-            raise RuntimeError(f"clients {missing} did not answer the start-up handshake")
-        federation = Federation(config, data)
-        box["federation"] = federation
+            raise RunFailed(f"clients {missing} did not answer the start-up handshake")
         box["rounds_started"] = time.time()
-        box["records"] = federation.run(FlowerTransport(grid, mapping, timeout), on_round)
+        transport = FlowerTransport(grid, mapping, timeout, stop)
+        federation.run(transport, on_round, stop=stop, errors=errors)
 
     return app
 
@@ -187,33 +246,58 @@ def backend_config(config: Config) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def ctrl_c_stops(stop: threading.Event) -> Iterator[None]:
+    """While active, the first Ctrl-C sets ``stop`` (the round loop ends within a second
+    and the run is written as interrupted); a second one exits at once (code 130)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            os._exit(130)
+        stop.set()
+        print("\nfedkd: stopping (Ctrl-C again to quit at once)...", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_flower(
-    config: Config,
-    data: FederatedData,
+    federation: Federation,
     data_path: str,
+    state_dir: str,
     on_round: RoundCallback | None = None,
     box: dict[str, Any] | None = None,
+    *,
+    stop: threading.Event | None = None,
+    errors: ErrorLog | None = None,
 ) -> dict[str, Any]:
-    """Run the federation under Flower's simulation engine with the Ray backend.
+    """Run (or continue) ``federation`` under Flower's simulation engine on Ray.
 
-    ``box`` (returned, and filled as the run goes, so it is readable after an
-    interruption) receives the federation, ``rounds_started`` and ``records``.
+    ``box`` (returned, filled as the run goes) receives ``rounds_started``. Raises
+    :class:`RunFailed` or :class:`Interrupted` as the round loop does.
     """
-    import os
     import warnings
 
     from flwr.simulation import run_simulation
 
+    config = federation.config
     if not config.simulation.verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
+        logging.getLogger("ray").setLevel(logging.CRITICAL)
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     box = {} if box is None else box
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
         run_simulation(
-            server_app=make_server_app(config, data, on_round, box),
-            client_app=make_client_app(config, data_path),
+            server_app=make_server_app(federation, on_round, box, stop, errors),
+            client_app=make_client_app(config, data_path, state_dir),
             num_supernodes=config.clients.count,
             backend_name=config.simulation.backend,
             backend_config=backend_config(config),

@@ -8,22 +8,23 @@ transports compute the same numbers.
 
 from __future__ import annotations
 
-import traceback
-
 import numpy as np
 
 from fedkd.client import ClientRuntime, FitReply
 from fedkd.config import Config
 from fedkd.payloads import Payload
 from fedkd.rounds import Failure
+from fedkd.state_store import StateStore
 
 
 class InlineTransport:
-    """Runs each sampled client's round in this process, in client-id order."""
+    """Runs each sampled client's round in this process, in client-id order.
 
-    def __init__(self, config: Config, data_path: str) -> None:
-        self.runtime = ClientRuntime(config, data_path)
-        self.states: dict[int, bytes] = {}
+    ``store``: where client state lives between rounds (default: this process's memory).
+    """
+
+    def __init__(self, config: Config, data_path: str, store: StateStore | None = None) -> None:
+        self.runtime = ClientRuntime(config, data_path, store)
 
     def fit(
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
@@ -31,11 +32,7 @@ class InlineTransport:
         replies: dict[int, FitReply | Failure] = {}
         for cid, targets in sorted(requests.items()):
             try:
-                reply, self.states[cid] = self.runtime.fit(
-                    cid, rnd, self.states.get(cid), targets, public_idx
-                )
-                replies[cid] = reply
+                replies[cid] = self.runtime.fit(cid, rnd, targets, public_idx)
             except Exception as err:  # a failing client must not end the run
-                detail = traceback.format_exception_only(type(err), err)[-1].strip()
-                replies[cid] = Failure(cid, detail)
+                replies[cid] = Failure.from_exception(cid, err)
         return replies

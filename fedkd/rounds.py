@@ -3,14 +3,19 @@
 :class:`Federation` runs the strategy hooks round by round over a
 :class:`Transport`: Flower's Grid (:mod:`fedkd.flower`) or direct in-process calls
 (:mod:`fedkd.inline`). It validates every payload on arrival, counts bytes in both
-directions, and hands one record per finished round to a callback (which writes it
-to disk at once, so finished rounds survive a crash or Ctrl-C).
+directions, applies simulated faults (``[faults]``), decides whether a round
+failed (``clients.min_success``), and hands one :class:`RoundRecord` per finished
+round to a callback, which writes it and a checkpoint to disk at once, so finished
+rounds survive a crash, a kill or Ctrl-C, and ``fedkd resume`` can continue.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,14 +23,23 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fedkd.client import FitReply, resolve_device, student_spec
+from fedkd.client import FitReply, TargetsError, resolve_device, student_spec
 from fedkd.config import Config
+from fedkd.contracts import check_metrics, check_payload
 from fedkd.data import FederatedData
+from fedkd.faults import RoundFaults, byzantine_clients, plan_round
 from fedkd.models import build_model
 from fedkd.payloads import Payload, PayloadError
 from fedkd.privacy.accounting import PrivacyLedger
 from fedkd.privacy.noise import NoiseSource
 from fedkd.privacy.payload import central_mean
+from fedkd.results.records import (
+    ClientRecord,
+    FailureRecord,
+    FaultsRecord,
+    PrivacyRecord,
+    RoundRecord,
+)
 from fedkd.seeding import derive_seed, torch_generator
 from fedkd.strategy import ServerNode, ServerStrategy, server_strategy
 from fedkd.training import make_optimizer, to_tensor
@@ -35,10 +49,28 @@ log = logging.getLogger("fedkd")
 
 @dataclass
 class Failure:
-    """A client that sent no usable reply this round, and why."""
+    """A client that sent no usable reply this round: one line of why, who caused it
+    (``client`` or ``server``), and the full traceback where there is one."""
 
     cid: int
     error: str
+    side: str = "client"
+    traceback: str | None = None
+
+    @classmethod
+    def from_exception(cls, cid: int, err: BaseException) -> Failure:
+        """A failure from an exception raised while running client ``cid``'s round."""
+        side = "server" if isinstance(err, TargetsError) else "client"
+        line = traceback.format_exception_only(type(err), err)[-1].strip()
+        return cls(cid, line, side, "".join(traceback.format_exception(err)))
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on: a round had too few usable replies, or the server side raised."""
+
+
+class Interrupted(Exception):
+    """A stop was requested (Ctrl-C): the loop ends between rounds or while waiting."""
 
 
 class Transport(Protocol):
@@ -51,7 +83,8 @@ class Transport(Protocol):
         ...
 
 
-RoundCallback = Callable[[dict[str, Any]], None]
+RoundCallback = Callable[[RoundRecord], None]
+ErrorLog = Callable[[str, str, "str | None"], None]  # (where, one line, traceback)
 
 
 def public_indices(config: Config, rnd: int) -> np.ndarray:
@@ -74,7 +107,12 @@ def sample_clients(config: Config, rnd: int) -> list[int]:
 
 
 class Federation:
-    """Server state and round loop for one experiment."""
+    """Server state and round loop for one experiment.
+
+    The state that :mod:`fedkd.checkpoint` saves after each round: the server node
+    (teacher, optimizer, strategy state, privacy ledger, counters), the strategy
+    object, the targets for the next round and the round records so far.
+    """
 
     def __init__(self, config: Config, data: FederatedData, strategy: ServerStrategy | None = None):
         self.config = config
@@ -104,7 +142,29 @@ class Federation:
             privacy=PrivacyLedger(config, data.part_sizes),
         )
         self.noise = NoiseSource(config.seed, config.privacy.secure_noise)
+        p = config.privacy
+        self.central_noise = p.mechanism == "client_gaussian" and p.mode == "central"
+        self.byzantine = frozenset(byzantine_clients(config))
         self.stopped: str | None = None  # why the run ended early (privacy budget)
+        self.records: list[RoundRecord] = []
+        self.targets: Payload | None = None  # sent with the next round
+        self.started = False  # strategy.setup has run (a resumed run does not redo it)
+
+    @property
+    def next_round(self) -> int:
+        return len(self.records) + 1
+
+    # --- hooks, with their contracts checked ---------------------------------------------
+
+    def _hook(self, name: str, *args: Any) -> Any:
+        """Call server strategy hook ``name``; an exception becomes one line naming it."""
+        try:
+            return getattr(self.strategy, name)(self.server, *args)
+        except (RunFailed, Interrupted):
+            raise
+        except Exception as err:
+            line = traceback.format_exception_only(type(err), err)[-1].strip()
+            raise RunFailed(f"server: {type(self.strategy).__name__}.{name} raised {line}") from err
 
     def _check(self, reply: FitReply, public_idx: np.ndarray) -> str | None:
         """Why this reply's payload cannot be aggregated (None: it can)."""
@@ -117,7 +177,8 @@ class Federation:
             return f"strategy {self.config.strategy.name!r} accepts {names}, got {payload.kind}"
         try:
             payload.validate(num_classes=self.data.num_classes, public_idx=public_idx)
-            self.strategy.check_payload(self.server, reply.cid, payload)
+            if not self.central_noise:  # under central DP the strategy sees only the noisy mean
+                self.strategy.check_payload(self.server, reply.cid, payload)
         except PayloadError as err:
             return f"invalid {payload.kind} payload: {err}"
         return None
@@ -125,125 +186,202 @@ class Federation:
     def _sample(self, rnd: int) -> list[int]:
         count = self.config.clients.count
         cids = [
-            int(c) if isinstance(c, (int, np.integer)) else c
-            for c in self.strategy.sample(self.server, count)
+            int(c) if isinstance(c, int | np.integer) else c for c in self._hook("sample", count)
         ]
         bad = [c for c in cids if not (isinstance(c, int) and 0 <= c < count)]
         if bad or len(set(cids)) != len(cids) or not cids:
-            raise RuntimeError(
-                f"round {rnd}: {type(self.strategy).__name__}.sample returned {cids}; "
+            raise RunFailed(
+                f"server: round {rnd}: {type(self.strategy).__name__}.sample returned {cids}; "
                 f"expected distinct client ids in 0..{count - 1}"
             )
         return sorted(cids)
 
-    def run(self, transport: Transport, on_round: RoundCallback | None = None) -> list[dict]:
-        """Run all rounds; returns the per-round records (also passed to ``on_round``)."""
-        cfg, strategy, server = self.config, self.strategy, self.server
+    # --- the loop ------------------------------------------------------------------------
+
+    def run(
+        self,
+        transport: Transport,
+        on_round: RoundCallback | None = None,
+        *,
+        stop: threading.Event | None = None,
+        errors: ErrorLog | None = None,
+    ) -> list[RoundRecord]:
+        """Run the remaining rounds; returns every round's record (also passed to
+        ``on_round`` as each ends). Raises :class:`RunFailed` after a failed round
+        (its record is passed on first) and :class:`Interrupted` when ``stop`` is set."""
         threads = torch.get_num_threads()
-        torch.set_num_threads(cfg.simulation.threads)
+        torch.set_num_threads(self.config.simulation.threads)
         try:
-            strategy.setup(server)
-            records = []
-            targets: Payload | None = None
-            idx = public_indices(cfg, 1)
-            for rnd in range(1, cfg.rounds + 1):
-                start = time.perf_counter()
-                server.round = rnd
-                server.public_idx = idx
-                server.generator = torch_generator(cfg.seed, "server", rnd)
-                torch.manual_seed(derive_seed(cfg.seed, "server-global", rnd))
-                cids = self._sample(rnd)
-                assert server.privacy is not None
-                reason = server.privacy.stop_reason(rnd, cids)
-                if reason is not None:
-                    log.warning("stopping before round %d: %s", rnd, reason)
-                    self.stopped = reason
+            if not self.started:
+                self._hook("setup")
+                self.started = True
+            for rnd in range(self.next_round, self.config.rounds + 1):
+                if stop is not None and stop.is_set():
+                    raise Interrupted(f"stopped before round {rnd}")
+                record = self.run_round(rnd, transport, errors)
+                if record is None:
                     break
-                requests = {cid: strategy.client_targets(server, cid, targets) for cid in cids}
-                query = idx if strategy.clients_use_public else idx[:0]
-                # the round's public indices are a seeded function of (seed, round) that both
-                # sides can compute: they travel here for validation but are not counted
-                down = {cid: req.nbytes if req is not None else 0 for cid, req in requests.items()}
-                replies = transport.fit(rnd, requests, query)
-                clients: dict[str, dict[str, Any]] = {}
-                failures, payloads = [], {}
-                replied: dict[int, dict[str, float]] = {}
-                for cid in cids:
-                    reply = replies.get(cid, Failure(cid, "no reply"))
-                    up = 0
-                    if isinstance(reply, FitReply):
-                        up = reply.payload.nbytes if reply.payload is not None else 0
-                        server.num_examples[cid] = int(reply.metrics["num_examples"])
-                        replied[cid] = reply.metrics  # charged for privacy even if rejected
-                    problem = (
-                        reply.error if isinstance(reply, Failure) else self._check(reply, query)
-                    )
-                    if problem is not None:
-                        log.warning("round %d: client %d failed: %s", rnd, cid, problem)
-                        failures.append(
-                            {
-                                "client": cid,
-                                "error": problem,
-                                "bytes_up": up,
-                                "bytes_down": down[cid],
-                            }
-                        )
-                        continue
-                    if reply.payload is not None:
-                        payloads[cid] = reply.payload
-                    clients[str(cid)] = {
-                        "model": str(student_spec(cfg, cid)),
-                        **reply.metrics,
-                        "bytes_up": up,
-                        "bytes_down": down[cid],
-                    }
-                privacy = cfg.privacy
-                if (
-                    payloads
-                    and privacy.mechanism == "client_gaussian"
-                    and privacy.mode == "central"
-                ):
-                    # the strategy sees one payload: the noisy mean of the clipped payloads
-                    noisy = central_mean(
-                        payloads,
-                        privacy.clip,
-                        privacy.noise_multiplier,
-                        self.noise,
-                        rnd,
-                        sampled=len(cids),
-                    )
-                    payloads = {-1: noisy}
-                aggregate = strategy.aggregate(server, payloads) if payloads else None
-                server_metrics: dict[str, float] = {}
-                if aggregate is not None:
-                    server_metrics.update(strategy.distill(server, aggregate))
-                server_metrics.update(strategy.evaluate(server))
-                next_idx = public_indices(cfg, rnd + 1)
-                targets = strategy.targets(server, aggregate, next_idx)
-                server.privacy.charge(cids, replied)
-                accs = [c["accuracy"] for c in clients.values()]
-                record = {
-                    "round": rnd,
-                    "seconds": time.perf_counter() - start,
-                    "teacher": server_metrics or None,
-                    "students": {
-                        "mean": float(np.mean(accs)) if accs else None,
-                        "min": float(np.min(accs)) if accs else None,
-                        "max": float(np.max(accs)) if accs else None,
-                        "count": len(accs),
-                    },
-                    "bytes_up": int(  # rejected payloads travelled too
-                        sum(c["bytes_up"] for c in [*clients.values(), *failures])
-                    ),
-                    "bytes_down": int(sum(down.values())),
-                    "clients": clients,
-                    "failures": failures,
-                    "privacy": server.privacy.record(),
-                }
-                idx = next_idx
-                records.append(record)
+                self.records.append(record)
                 if on_round is not None:
                     on_round(record)
-            return records
+                if record.failed:
+                    raise RunFailed(self.failed_reason(record))
+            return self.records
         finally:
             torch.set_num_threads(threads)
+
+    def failed_reason(self, record: RoundRecord) -> str:
+        need = math.ceil(self.config.clients.min_success * len(record.sampled))
+        why = f"; first: {record.failures[0].describe()}" if record.failures else ""
+        return (
+            f"round {record.round}: {record.usable} of {len(record.sampled)} sampled clients "
+            f"replied usably, below clients.min_success = {self.config.clients.min_success:g} "
+            f"(needs {need}){why}"
+        )
+
+    def run_round(
+        self, rnd: int, transport: Transport, errors: ErrorLog | None = None
+    ) -> RoundRecord | None:
+        """One round; None when the privacy budget does not allow it (``self.stopped``)."""
+        cfg, server = self.config, self.server
+        start = time.perf_counter()
+        server.round = rnd
+        idx = public_indices(cfg, rnd)
+        server.public_idx = idx
+        server.generator = torch_generator(cfg.seed, "server", rnd)
+        torch.manual_seed(derive_seed(cfg.seed, "server-global", rnd))
+        cids = self._sample(rnd)
+        assert server.privacy is not None
+        reason = server.privacy.stop_reason(rnd, cids)
+        if reason is not None:
+            log.warning("stopping before round %d: %s", rnd, reason)
+            self.stopped = reason
+            return None
+        faults = plan_round(cfg, rnd, cids)
+        requests = {
+            cid: check_payload(
+                self.strategy, "client_targets", self._hook("client_targets", cid, self.targets)
+            )
+            for cid in cids
+            if cid not in faults.dropped
+        }
+        query = idx if self.strategy.clients_use_public else idx[:0]
+        # the round's public indices are a seeded function of (seed, round) that both
+        # sides can compute: they travel here for validation but are not counted
+        down = {cid: req.nbytes if req is not None else 0 for cid, req in requests.items()}
+        replies = transport.fit(rnd, requests, query) if requests else {}
+        clients, failures, payloads, replied = self._collect(
+            rnd, cids, faults, replies, down, query, errors
+        )
+        server_metrics = self._aggregate(rnd, cids, payloads)
+        server.privacy.charge(cids, replied)
+        usable = len(clients)
+        record = RoundRecord(
+            round=rnd,
+            seconds=time.perf_counter() - start,
+            sampled=tuple(cids),
+            clients=clients,
+            failures=tuple(failures),
+            server=server_metrics or None,
+            bytes_up=int(sum(c.bytes_up for c in clients.values()))
+            + int(sum(f.bytes_up for f in failures)),  # rejected payloads travelled too
+            bytes_down=int(sum(down.values())),
+            privacy=self._privacy_record(),
+            faults=_faults_record(faults) if self._faults_on() else None,
+            failed=usable < math.ceil(cfg.clients.min_success * len(cids)),
+        )
+        return record
+
+    def _faults_on(self) -> bool:
+        f = self.config.faults
+        return bool(f.dropout or f.stragglers or self.byzantine)
+
+    def _collect(
+        self,
+        rnd: int,
+        cids: list[int],
+        faults: RoundFaults,
+        replies: dict[int, FitReply | Failure],
+        down: dict[int, int],
+        query: np.ndarray,
+        errors: ErrorLog | None,
+    ) -> tuple[dict[int, ClientRecord], list[FailureRecord], dict[int, Payload], dict]:
+        """Sort the replies into usable ones, failures and simulated drops."""
+        clients: dict[int, ClientRecord] = {}
+        failures: list[FailureRecord] = []
+        payloads: dict[int, Payload] = {}
+        replied: dict[int, dict[str, float]] = {}  # charged for privacy even if rejected
+        for cid in cids:
+            if cid in faults.dropped:
+                continue  # simulated dropout: no message was sent (recorded under faults)
+            reply = replies.get(cid, Failure(cid, "no reply"))
+            up = 0
+            if isinstance(reply, FitReply):
+                up = reply.payload.nbytes if reply.payload is not None else 0
+                self.server.num_examples[cid] = int(reply.metrics["num_examples"])
+                replied[cid] = reply.metrics
+                if cid in faults.late:
+                    continue  # simulated straggler past the deadline: its reply is dropped
+            problem = reply if isinstance(reply, Failure) else None
+            if problem is None:
+                why = self._check(reply, query)
+                problem = None if why is None else Failure(cid, why)
+            if problem is not None:
+                log.info("round %d: %s %d failed: %s", rnd, problem.side, cid, problem.error)
+                if errors is not None:
+                    side = " (the server's fault)" if problem.side == "server" else ""
+                    where = f"round {rnd}: client {cid}{side}"
+                    errors(where, problem.error, problem.traceback)
+                failures.append(
+                    FailureRecord(cid, problem.error, problem.side, up, down.get(cid, 0))
+                )
+                continue
+            assert isinstance(reply, FitReply)
+            if reply.payload is not None:
+                payloads[cid] = reply.payload
+            clients[cid] = ClientRecord.from_reply(
+                cid,
+                str(student_spec(self.config, cid)),
+                reply.metrics,
+                bytes_up=up,
+                bytes_down=down[cid],
+                byzantine=cid in self.byzantine,
+            )
+        return clients, failures, payloads, replied
+
+    def _aggregate(
+        self, rnd: int, cids: list[int], payloads: dict[int, Payload]
+    ) -> dict[str, float]:
+        """Aggregate, distill and evaluate on the server; set the next round's targets."""
+        cfg, strategy = self.config, self.strategy
+        if payloads and self.central_noise:
+            # the strategy sees one payload: the noisy mean of the clipped payloads
+            p = cfg.privacy
+            noisy = central_mean(
+                payloads, p.clip, p.noise_multiplier, self.noise, rnd, sampled=len(cids)
+            )
+            payloads = {-1: noisy}
+        aggregate = None
+        if payloads:
+            aggregate = check_payload(strategy, "aggregate", self._hook("aggregate", payloads))
+        metrics: dict[str, float] = {}
+        if aggregate is not None:
+            metrics.update(check_metrics(strategy, "distill", self._hook("distill", aggregate)))
+        metrics.update(check_metrics(strategy, "evaluate", self._hook("evaluate")))
+        targets = self._hook("targets", aggregate, public_indices(cfg, rnd + 1))
+        self.targets = check_payload(strategy, "targets", targets)
+        return metrics
+
+    def _privacy_record(self) -> PrivacyRecord | None:
+        assert self.server.privacy is not None
+        raw = self.server.privacy.record()
+        return PrivacyRecord.from_json(raw)
+
+
+def _faults_record(faults: RoundFaults) -> FaultsRecord:
+    return FaultsRecord(
+        dropped=tuple(faults.dropped),
+        late=tuple(faults.late),
+        delays=dict(faults.delays),
+        byzantine=tuple(faults.byzantine),
+    )

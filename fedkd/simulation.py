@@ -1,8 +1,10 @@
-"""``fedkd.run``: validate, build data, simulate under Flower+Ray, compare, report.
+"""``fedkd.run`` and ``fedkd.resume``: validate, build data, simulate under Flower+Ray,
+compare, report.
 
-Order of work: every config check (names, parameters, sizes) runs before the data
-is built and before Ray starts; the federation runs next (each round written to
-disk as it ends); then the local-only baseline and the summary.
+Order of work: every config check (names, parameters, sizes, the privacy preflight)
+runs before Ray starts; the federation runs next (each round's record and a
+checkpoint written to disk as it ends); then the local-only baseline and the
+summary, whose status says how the run ended (:class:`fedkd.results.Outcome`).
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ from __future__ import annotations
 import logging
 import statistics
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from fedkd.client import student_spec
 from fedkd.config import Config, ConfigError, Spec, load_config
@@ -25,9 +27,18 @@ from fedkd.data.federation import check_data_config
 from fedkd.models import build_model, check_model_spec
 from fedkd.privacy.accounting import PrivacyLedger
 from fedkd.profiling import profile_model
-from fedkd.results import RunDirectory, plot_accuracy, progress_line, summary_table
-from fedkd.rounds import sample_clients
-from fedkd.strategy import SERVER_STRATEGIES, client_strategy, server_strategy
+from fedkd.results import (
+    RoundRecord,
+    RunDirectory,
+    RunSummary,
+    plot_accuracy,
+    progress_line,
+    summary_table,
+)
+from fedkd.results.records import write_jsonl
+from fedkd.results.summary import outcome_of, summarize
+from fedkd.rounds import Federation, Interrupted, RunFailed, sample_clients
+from fedkd.strategy import client_strategy, server_strategy
 from fedkd.training import OPTIMIZERS
 
 log = logging.getLogger("fedkd")
@@ -39,9 +50,21 @@ class RunResult:
 
     config: Config
     directory: Path
-    rounds: list[dict[str, Any]]
-    baseline: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
+    rounds: list[RoundRecord]
+    summary: RunSummary
+    baseline: list[RoundRecord] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return self.summary.exit_code
+
+
+class RunError(RuntimeError):
+    """The run failed; ``result`` holds what it wrote (finished rounds, the summary)."""
+
+    def __init__(self, result: RunResult) -> None:
+        super().__init__(result.summary.status)
+        self.result = result
 
 
 def check_config(config: Config) -> None:
@@ -61,6 +84,9 @@ def check_config(config: Config) -> None:
     strategy = server_strategy(config)
     for cid in range(config.clients.count):
         client_strategy(config, cid)
+    from fedkd.aggregators import make_aggregator
+
+    make_aggregator(config.server.aggregator)
     check_privacy_config(config, strategy)
 
 
@@ -91,6 +117,13 @@ def check_privacy_config(config: Config, strategy: Any) -> None:
                 f"central noise is calibrated to a plain mean, and strategy "
                 f"{config.strategy.name!r} does not aggregate by one; use mode = 'local'",
             )
+        if p.mode == "central" and config.server.aggregator.name != "mean":
+            raise ConfigError(
+                "server.aggregator",
+                f"{config.server.aggregator.name!r} cannot apply under central noise: the "
+                "server releases one noisy mean of the clipped payloads; use mode = 'local' "
+                "or aggregator = 'mean'",
+            )
     if p.mechanism == "dpsgd" and p.secure_noise:
         from fedkd.privacy.dpsgd import check_secure_mode
 
@@ -115,143 +148,15 @@ def _profiles(config: Config, data: FederatedData) -> dict[str, dict[str, Any]]:
     }
 
 
-def _final_accuracies(records: list[dict[str, Any]]) -> dict[int, float]:
-    """Each client's accuracy the last time it reported."""
-    out: dict[int, float] = {}
-    for r in records:
-        for cid, m in r["clients"].items():
-            out[int(cid)] = m["accuracy"]
-    return out
+def _prepare(cfg: Config) -> tuple[FederatedData, Path]:
+    """Every check that can run before Ray starts, and the data."""
+    check_config(cfg)
+    data, data_path = prepare_federated_data(cfg)
+    PrivacyLedger(cfg, data.part_sizes).check_start(sample_clients(cfg, 1))
+    from fedkd.privacy.guard import preflight
 
-
-def _stats(values: Sequence[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    return {
-        "mean": float(np.mean(values)),
-        "min": float(np.min(values)),
-        "max": float(np.max(values)),
-    }
-
-
-def _fedavg_bytes(
-    config: Config, records: list[dict[str, Any]], profiles: dict[str, dict[str, Any]]
-) -> int:
-    """What FedAvg would have sent in the same rounds: each sampled client's model
-    (parameters and buffers) down and its update up."""
-    total = 0
-    for r in records:
-        cids = [int(c) for c in r["clients"]] + [f["client"] for f in r["failures"]]
-        total += sum(2 * profiles[str(student_spec(config, c))]["bytes"] for c in cids)
-    return int(total)
-
-
-def _privacy_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Epsilon spent (last round's record) and the membership-inference audit."""
-    last = records[-1] if records else None
-    out: dict[str, Any] = {}
-    if last is not None and last.get("privacy"):
-        out.update(last["privacy"])
-    if last is not None:
-        audit = [c for c in last["clients"].values() if "mia_auc" in c]
-        if audit:
-            out["audit"] = {
-                "attack": "loss threshold on each student: private samples vs test samples",
-                "mia_auc": float(np.mean([c["mia_auc"] for c in audit])),
-                "mia_advantage": float(np.mean([c["mia_advantage"] for c in audit])),
-                "clients": len(audit),
-            }
-    return out or None
-
-
-def summarize(
-    config: Config,
-    data: FederatedData,
-    records: list[dict[str, Any]],
-    baseline: list[dict[str, Any]],
-    profiles: dict[str, dict[str, Any]],
-    timing: dict[str, float],
-    status: str,
-) -> dict[str, Any]:
-    """The end-of-run summary (written to summary.json and printed as a table)."""
-    fed, local = _final_accuracies(records), _final_accuracies(baseline)
-    server_acc = next(
-        (r["teacher"]["accuracy"] for r in reversed(records) if "accuracy" in (r["teacher"] or {})),
-        None,
-    )
-    # the architecture table compares students with the teacher only where there is one
-    teacher_acc = server_acc if SERVER_STRATEGIES.get(config.strategy.name).uses_teacher else None
-    students, local_stats = _stats(list(fed.values())), _stats(list(local.values()))
-    gain = None
-    if students and local_stats:
-        gain = 100 * (students["mean"] - local_stats["mean"])
-    archs = []
-    if teacher_acc is not None:
-        name = str(config.server.teacher)
-        archs.append(
-            {
-                "model": name,
-                "role": "teacher",
-                "clients": [],
-                **profiles[name],
-                "accuracy": teacher_acc,
-                "pct_of_teacher": 100.0,
-            }
-        )
-    by_arch: dict[str, list[int]] = {}
-    for cid in range(config.clients.count):
-        by_arch.setdefault(str(student_spec(config, cid)), []).append(cid)
-    for name, cids in by_arch.items():
-        acc = [fed[c] for c in cids if c in fed]
-        loc = [local[c] for c in cids if c in local]
-        mean = float(np.mean(acc)) if acc else None
-        archs.append(
-            {
-                "model": name,
-                "role": "student",
-                "clients": cids,
-                **profiles[name],
-                "accuracy": mean,
-                "local_only_accuracy": float(np.mean(loc)) if loc else None,
-                "pct_of_teacher": 100 * mean / teacher_acc
-                if mean is not None and teacher_acc
-                else None,
-            }
-        )
-    up = sum(r["bytes_up"] for r in records)
-    down = sum(r["bytes_down"] for r in records)
-    fedavg = _fedavg_bytes(config, records, profiles)
-    d = config.data
-    return {
-        "name": config.name,
-        "status": status,
-        "rounds": config.rounds,
-        "rounds_completed": len(records),
-        "strategy": str(config.strategy),
-        "clients": config.clients.count,
-        "data": f"{d.dataset} ({d.private} private / {d.public} public / {d.test} test), "
-        f"partition {config.partition}",
-        "evaluation": f"the global held-out test set ({len(data.test_y)} samples)",
-        "final": {
-            "students": students,
-            "local_only": local_stats,
-            "gain_points": gain,
-            "teacher": teacher_acc,
-            "server_model": server_acc,
-        },
-        "architectures": archs,
-        "communication": {
-            "bytes_up": up,
-            "bytes_down": down,
-            "bytes_per_round": (up + down) / max(len(records), 1),
-            "fedavg_bytes": fedavg,
-            "fedavg_bytes_per_round": fedavg / max(len(records), 1),
-            "share_of_fedavg": (up + down) / fedavg if fedavg else None,
-        },
-        "timing": timing,
-        "failures": sum(len(r["failures"]) for r in records),
-        "privacy": _privacy_summary(records),
-    }
+    preflight(cfg, data)  # no client strategy may train in the clear under DP-SGD
+    return data, data_path
 
 
 def run(
@@ -269,83 +174,157 @@ def run(
         quiet: print nothing (results are still written to the run directory).
         started: wall-clock time the process started, for the start-up figure.
 
+    Returns:
+        The run's records and summary, whose ``outcome`` is completed, completed with
+        failures or stopped early.
+
+    Raises:
+        ConfigError: a bad setting, before anything runs (no run folder is made).
+        RunError: the run failed; finished rounds and the summary are on disk, and
+            the exception's ``result`` holds them.
+        KeyboardInterrupt: Ctrl-C; the summary says interrupted, ``fedkd resume`` continues.
+
     Example:
         >>> result = fedkd.run("simulations/quickstart.toml", ["rounds=3"])
-        >>> result.summary["final"]["gain_points"]
+        >>> result.summary.final.gain_points
     """
-    from fedkd.flower import run_flower
-    from fedkd.inline import InlineTransport
-    from fedkd.rounds import Federation
-
     t0 = started if started is not None else time.time()
     cfg = load_config(config, overrides)
-    check_config(cfg)
-    data, data_path = prepare_federated_data(cfg)
-    PrivacyLedger(cfg, data.part_sizes).check_start(sample_clients(cfg, 1))  # before Ray starts
+    data, data_path = _prepare(cfg)
     out = RunDirectory.create(cfg)
     _say(
         quiet,
         f"fedkd: {cfg.name}: {cfg.clients.count} clients, {cfg.rounds} rounds, strategy "
         f"{cfg.strategy}; results in {out.path}",
     )
-    records: list[dict[str, Any]] = []
-    baseline: list[dict[str, Any]] = []
-    timing = {
-        "startup_s": float("nan"),
-        "rounds_s": 0.0,
-        "median_round_s": float("nan"),
-        "baseline_s": 0.0,
-        "total_s": 0.0,
-    }
+    return _execute(cfg, data, data_path, out, Federation(cfg, data), quiet=quiet, t0=t0)
 
-    def on_round(record: dict[str, Any]) -> None:
-        records.append(record)
-        out.append("metrics.jsonl", record)
+
+def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = None) -> RunResult:
+    """Continue a run that was killed or interrupted, from its last finished round.
+
+    The run folder's config, checkpoint and client states are used as they are; the
+    records of rounds after the checkpoint (a round cut short) are dropped and those
+    rounds run again, so the finished run equals one that was never interrupted.
+    """
+    from fedkd.checkpoint import restore_checkpoint
+    from fedkd.state_store import DiskStateStore
+
+    t0 = started if started is not None else time.time()
+    out = RunDirectory(Path(run_dir))
+    if not (out.path / "config.toml").is_file():
+        raise ConfigError("run_dir", f"{out.path} is not a fedkd run folder (no config.toml)")
+    cfg = load_config(out.path / "config.toml")
+    data, data_path = _prepare(cfg)
+    federation = Federation(cfg, data)
+    done = restore_checkpoint(out.path, federation)
+    if done >= cfg.rounds or federation.stopped:
+        raise ConfigError("run_dir", f"{out.path} already finished its {done} rounds")
+    write_jsonl(out.path / "metrics.jsonl", federation.records)
+    DiskStateStore(out.clients_dir).discard_after(done)
+    (out.path / "baseline.jsonl").unlink(missing_ok=True)
+    out.log_error("resume", f"resumed after round {done}", None)
+    _say(quiet, f"fedkd: resuming {out.path} after round {done} of {cfg.rounds}")
+    return _execute(cfg, data, data_path, out, federation, quiet=quiet, t0=t0, resumed_from=done)
+
+
+def _run_baseline(cfg: Config, data: FederatedData, data_path: Path, out: RunDirectory) -> list:
+    """The same students trained on their private data alone (no federation)."""
+    from fedkd.inline import InlineTransport
+
+    d = cfg.to_dict()  # every client local and honest: no per-client strategies, no faults
+    d["clients"] = {**d["clients"], "strategies": {}}
+    d.pop("faults", None)
+    local_cfg = load_config({**d, "strategy": {"name": "local"}})
+    records: list[RoundRecord] = []
+
+    def keep(r: RoundRecord) -> None:
+        records.append(r)
+        out.append_round("baseline.jsonl", r)
+
+    Federation(local_cfg, data).run(InlineTransport(local_cfg, str(data_path)), keep)
+    return records
+
+
+def _execute(
+    cfg: Config,
+    data: FederatedData,
+    data_path: Path,
+    out: RunDirectory,
+    federation: Federation,
+    *,
+    quiet: bool,
+    t0: float,
+    resumed_from: int | None = None,
+) -> RunResult:
+    """Run the federation's remaining rounds, then the baseline; always write the summary."""
+    from fedkd.checkpoint import save_checkpoint
+    from fedkd.flower import ctrl_c_stops, run_flower
+
+    def on_round(record: RoundRecord) -> None:
+        out.append_round("metrics.jsonl", record)
+        save_checkpoint(out.path, federation)
         _say(quiet, progress_line(record, cfg.rounds))
 
-    status = "completed"
+    baseline: list[RoundRecord] = []
     box: dict[str, Any] = {}
+    error: str | None = None
+    interrupted = False
+    stop = threading.Event()
+    b0 = None
     try:
-        run_flower(cfg, data, str(data_path), on_round, box)
-        federation = box.get("federation")
-        if federation is not None and federation.stopped:
-            status = f"stopped early: {federation.stopped}"
-        if cfg.baseline and cfg.strategy.name != "local":
-            _say(quiet, "local-only baseline (same students, same budget, no federation)...")
-            b0 = time.time()
-            d = cfg.to_dict()  # every client local and honest: no per-client strategies
-            d["clients"] = {**d["clients"], "strategies": {}}
-            local_cfg = load_config({**d, "strategy": {"name": "local"}})
-            Federation(local_cfg, data).run(
-                InlineTransport(local_cfg, str(data_path)),
-                lambda r: (baseline.append(r), out.append("baseline.jsonl", r)),
-            )
-            timing["baseline_s"] = time.time() - b0
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
+        with ctrl_c_stops(stop):
+            run_flower(
+                federation, str(data_path), str(out.clients_dir), on_round, box,
+                stop=stop, errors=out.log_error,
+            )  # fmt: skip
+            if cfg.baseline and cfg.strategy.name != "local":
+                _say(quiet, "local-only baseline (same students, same budget, no federation)...")
+                b0 = time.time()
+                baseline = _run_baseline(cfg, data, data_path, out)
+    except (KeyboardInterrupt, Interrupted):
+        interrupted = True
+    except RunFailed as err:  # the server hook's traceback, if one raised (else: no code failed)
+        error = str(err)
+        cause = err.__cause__
+        out.log_error("run", error, "".join(traceback.format_exception(cause)) if cause else None)
     except Exception as err:
-        status = f"failed: {type(err).__name__}: {err}"
-        raise
-    finally:
-        if "rounds_started" in box:
-            timing["startup_s"] = box["rounds_started"] - t0
-            timing["rounds_started_at"] = box["rounds_started"]
-        timing["rounds_s"] = sum(r["seconds"] for r in records)
-        if records:
-            timing["median_round_s"] = statistics.median(r["seconds"] for r in records)
-        timing["total_s"] = time.time() - t0
-        summary = summarize(cfg, data, records, baseline, _profiles(cfg, data), timing, status)
-        out.write_json("summary.json", summary)
-        table = summary_table(summary)
-        out.write_text("summary.txt", table)
-        if records:
-            plot_accuracy(
-                records,
-                baseline,
-                out.path / "accuracy.png",
-                f"{cfg.name}: {cfg.strategy} on {cfg.data.dataset}",
-            )
-        _say(quiet, "\n" + table + f"\nresults: {out.path}")
-        sys.stdout.flush()
-    return RunResult(cfg, out.path, records, baseline, summary)
+        error = traceback.format_exception_only(type(err), err)[-1].strip()
+        out.log_error("run", error, "".join(traceback.format_exception(err)))
+    records = federation.records
+    timing = _timing(records, box, t0, b0)
+    summary = summarize(
+        cfg, records, baseline, _profiles(cfg, data), timing,
+        outcome_of(records, error, interrupted, federation.stopped),
+        test_size=len(data.test_y), uses_teacher=federation.strategy.uses_teacher,
+        aggregations=federation.server.aggregations, resumed_from=resumed_from,
+    )  # fmt: skip
+    table = summary_table(summary)
+    out.write_summary(summary, table)
+    if records:
+        title = f"{cfg.name}: {cfg.strategy} on {cfg.data.dataset}"
+        plot_accuracy(records, baseline, out.path / "accuracy.png", title)
+    _say(quiet, "\n" + table + f"results: {out.path}")
+    sys.stdout.flush()
+    result = RunResult(cfg, out.path, list(records), summary, baseline)
+    if interrupted:
+        raise KeyboardInterrupt(summary.status)
+    if error is not None:
+        raise RunError(result)
+    return result
+
+
+def _timing(
+    records: Sequence[RoundRecord], box: dict[str, Any], t0: float, b0: float | None
+) -> dict[str, float]:
+    timing: dict[str, float] = {
+        "rounds_s": sum(r.seconds for r in records),
+        "baseline_s": time.time() - b0 if b0 is not None else 0.0,
+        "total_s": time.time() - t0,
+    }
+    if "rounds_started" in box:
+        timing["startup_s"] = box["rounds_started"] - t0
+        timing["rounds_started_at"] = box["rounds_started"]
+    if records:
+        timing["median_round_s"] = statistics.median(r.seconds for r in records)
+    return timing

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 
 from fedkd.payloads import ClassLogits, Logits, Payload, SoftLabels
@@ -59,3 +62,50 @@ class AdversarialSoftLabels(CronusClient):
         honest = node.public_probs(public_idx)
         wrong = (honest.probs.argmax(1) + 1) % node.num_classes
         return SoftLabels(honest.idx, np.eye(node.num_classes, dtype=np.float32)[wrong])
+
+
+class AlwaysRaisingClient(KDClient):
+    """Raises in every round."""
+
+    def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
+        raise ValueError(f"client {node.cid} always fails")
+
+
+class NdarrayPredictClient(KDClient):
+    """Breaks the predict contract: returns a bare ndarray instead of a payload."""
+
+    def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload:
+        return node.public_logits(public_idx)  # type: ignore[return-value]
+
+
+class NoneTrainClient(KDClient):
+    """Breaks the train contract: returns None instead of a metrics dict."""
+
+    def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
+        super().train(node, targets)
+        return None  # type: ignore[return-value]
+
+
+class UndecodableTargetsServer(KDServer):
+    """Sends targets of a payload kind that only the server process knows: it registers
+    the kind in ``setup``, which runs in the driver, never in a client worker."""
+
+    def setup(self, server: ServerNode) -> None:
+        from fedkd.payloads import PAYLOADS
+
+        if "server_only_logits" not in PAYLOADS:
+            PAYLOADS.register("server_only_logits")(ServerOnlyLogits)
+
+    def targets(
+        self, server: ServerNode, aggregate: Payload | None, public_idx: np.ndarray
+    ) -> Payload | None:
+        if not isinstance(aggregate, Logits):
+            return None
+        return ServerOnlyLogits(aggregate.idx, aggregate.values)
+
+
+@dataclass(frozen=True)
+class ServerOnlyLogits(Logits):
+    """Registered as a payload kind by UndecodableTargetsServer.setup only."""
+
+    kind: ClassVar[str] = "server_only_logits"

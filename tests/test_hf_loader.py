@@ -93,4 +93,4 @@ def test_federation_on_hf_data_with_an_image_cnn(mnist_like, tmp_path):
     path = tmp_path / "data.npz"
     data.save(path)
     records = Federation(cfg, data).run(InlineTransport(cfg, str(path)))
-    assert len(records) == 2 and records[-1]["students"]["count"] == 2
+    assert len(records) == 2 and records[-1].students.count == 2

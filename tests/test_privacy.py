@@ -149,10 +149,11 @@ def test_impossible_budget_refuses_before_anything_runs(tmp_path):
 def test_dpsgd_client_keeps_its_accountant_across_rounds(tmp_path):
     cfg = _cfg(tmp_path, "privacy.mechanism=dpsgd", "strategy.name=local")
     data, path = prepare_federated_data(cfg)
-    runtime = ClientRuntime(cfg, str(path))
+    runtime = ClientRuntime(cfg, str(path))  # client state kept in memory between rounds
     idx = public_indices(cfg, 1)
-    first, state = runtime.fit(0, 1, None, None, idx[:0])
-    second, _ = runtime.fit(0, 2, state, None, idx[:0])
+    first = runtime.fit(0, 1, None, idx[:0])
+    state = runtime.store.load(0, 2)
+    second = runtime.fit(0, 2, None, idx[:0])
     n = len(data.parts[0])
     q, per_round = dpsgd_steps_per_round(n, cfg.clients.batch_size, cfg.clients.local_epochs)
     assert first.metrics["dp_steps"] == per_round and second.metrics["dp_steps"] == 2 * per_round
@@ -167,13 +168,13 @@ def test_budget_stops_the_run_before_it_is_exceeded(tmp_path):
     cfg = _cfg(tmp_path, "rounds=6", "strategy.name=local", "privacy.mechanism=dpsgd")
     data, path = prepare_federated_data(cfg)
     full = Federation(cfg, data).run(InlineTransport(cfg, str(path)))
-    eps = [r["privacy"]["epsilon"] for r in full]
+    eps = [r.privacy.epsilon for r in full]
     assert eps == sorted(eps)  # composition is monotone
     target = (eps[2] + eps[3]) / 2  # room for three rounds, not four
     capped = load_config(cfg, [f"privacy.target_epsilon={target}"])
     federation = Federation(capped, data)
     records = federation.run(InlineTransport(capped, str(path)))
-    assert len(records) == 3 and records[-1]["privacy"]["epsilon"] <= target
+    assert len(records) == 3 and records[-1].privacy.epsilon <= target
     assert "privacy budget" in federation.stopped and "round 4" in federation.stopped
 
 

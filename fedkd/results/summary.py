@@ -1,0 +1,180 @@
+"""The end-of-run summary, computed from the typed round records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fedkd.config import Config
+from fedkd.results.records import (
+    Architecture,
+    Audit,
+    Communication,
+    Failures,
+    Final,
+    Outcome,
+    RoundRecord,
+    RunSummary,
+    Stats,
+)
+
+
+def final_accuracies(records: Sequence[RoundRecord]) -> dict[int, float]:
+    """Each honest client's accuracy the last time it reported."""
+    out: dict[int, float] = {}
+    for r in records:
+        for cid, c in r.clients.items():
+            if not c.byzantine:
+                out[cid] = c.accuracy
+    return out
+
+
+def _fedavg_bytes(
+    records: Sequence[RoundRecord], model_of: dict[int, str], profiles: dict[str, dict[str, Any]]
+) -> int:
+    """What FedAvg would have sent in the same rounds: each client that took part (replied
+    or failed) gets the model and sends its update back."""
+    total = 0
+    for r in records:
+        cids = [*r.clients, *(f.cid for f in r.failures)]
+        total += sum(2 * profiles[model_of[c]]["bytes"] for c in cids)
+    return int(total)
+
+
+def _architectures(
+    config: Config,
+    model_of: dict[int, str],
+    profiles: dict[str, dict[str, Any]],
+    fed: dict[int, float],
+    local: dict[int, float],
+    teacher_acc: float | None,
+) -> list[Architecture]:
+    archs = []
+    if teacher_acc is not None:
+        name = str(config.server.teacher)
+        archs.append(Architecture(name, "teacher", (), **profiles[name], accuracy=teacher_acc,
+                                  pct_of_teacher=100.0))  # fmt: skip
+    by_arch: dict[str, list[int]] = {}
+    for cid, name in model_of.items():
+        by_arch.setdefault(name, []).append(cid)
+    for name, cids in by_arch.items():
+        acc = Stats.of(fed[c] for c in cids if c in fed)
+        loc = Stats.of(local[c] for c in cids if c in local)
+        mean = acc.mean if acc else None
+        share = 100 * mean / teacher_acc if mean is not None and teacher_acc else None
+        archs.append(
+            Architecture(
+                name, "student", tuple(cids), **profiles[name], accuracy=mean,
+                local_only_accuracy=loc.mean if loc else None, pct_of_teacher=share,
+            )
+        )  # fmt: skip
+    return archs
+
+
+def _audit(records: Sequence[RoundRecord]) -> Audit | None:
+    if not records:
+        return None
+    audit = [c.metrics for c in records[-1].clients.values() if "mia_auc" in c.metrics]
+    if not audit:
+        return None
+    return Audit(
+        attack="loss threshold on each student: private samples vs test samples",
+        mia_auc=sum(m["mia_auc"] for m in audit) / len(audit),
+        mia_advantage=sum(m["mia_advantage"] for m in audit) / len(audit),
+        clients=len(audit),
+    )
+
+
+def _faults(config: Config, records: Sequence[RoundRecord]) -> dict[str, Any] | None:
+    rounds = [r.faults for r in records if r.faults is not None]
+    if not rounds:
+        return None
+    f = config.faults
+    dropped = sum(len(x.dropped) for x in rounds)
+    late = sum(len(x.late) for x in rounds)
+    byz = sorted({c for x in rounds for c in x.byzantine})
+    parts = [f"dropout {f.dropout:g}: {dropped} client-rounds dropped"]
+    if f.stragglers:
+        parts.append(f"stragglers {f.stragglers:g} (deadline {f.deadline:g} s): {late} late")
+    if byz:
+        parts.append(f"Byzantine clients {byz} ({f.attack}) excluded from student accuracy")
+    return {"dropped": dropped, "late": late, "byzantine": byz, "describe": "; ".join(parts)}
+
+
+def outcome_of(
+    records: Sequence[RoundRecord], error: str | None, interrupted: bool, stopped: str | None
+) -> tuple[Outcome, str]:
+    """The run's outcome and status line (see :class:`fedkd.results.records.Outcome`)."""
+    if interrupted:
+        done = len(records)
+        return Outcome.INTERRUPTED, f"interrupted after round {done} (`fedkd resume` continues)"
+    if error is not None:
+        return Outcome.FAILED, f"failed: {error}"
+    if stopped is not None:
+        return Outcome.STOPPED_EARLY, f"stopped early: {stopped}"
+    failures = Failures.of(records)
+    if failures.count:
+        return Outcome.COMPLETED_WITH_FAILURES, f"completed with failures: {failures.describe()}"
+    return Outcome.COMPLETED, "completed"
+
+
+def summarize(
+    config: Config,
+    records: Sequence[RoundRecord],
+    baseline: Sequence[RoundRecord],
+    profiles: dict[str, dict[str, Any]],
+    timing: dict[str, float],
+    outcome: tuple[Outcome, str],
+    *,
+    test_size: int,
+    uses_teacher: bool,
+    aggregations: int = 0,
+    resumed_from: int | None = None,
+) -> RunSummary:
+    """The end-of-run summary (written to summary.json and printed as a table)."""
+    from fedkd.client import student_spec
+
+    model_of = {cid: str(student_spec(config, cid)) for cid in range(config.clients.count)}
+    fed, local = final_accuracies(records), final_accuracies(baseline)
+    server_acc = next(
+        (r.server_accuracy for r in reversed(records) if r.server_accuracy is not None), None
+    )
+    # the architecture table compares students with the teacher only where there is one
+    teacher_acc = server_acc if uses_teacher else None
+    students, local_stats = Stats.of(fed.values()), Stats.of(local.values())
+    gain = 100 * (students.mean - local_stats.mean) if students and local_stats else None
+    up = sum(r.bytes_up for r in records)
+    down = sum(r.bytes_down for r in records)
+    fedavg = _fedavg_bytes(records, model_of, profiles)
+    n = max(len(records), 1)
+    d = config.data
+    return RunSummary(
+        name=config.name,
+        outcome=outcome[0],
+        status=outcome[1],
+        rounds=config.rounds,
+        rounds_completed=len(records),
+        strategy=str(config.strategy),
+        clients=config.clients.count,
+        data=f"{d.dataset} ({d.private} private / {d.public} public / {d.test} test), "
+        f"partition {config.partition}",
+        evaluation=f"the global held-out test set ({test_size} samples)",
+        final=Final(students, local_stats, gain, teacher_acc, server_acc),
+        architectures=tuple(_architectures(config, model_of, profiles, fed, local, teacher_acc)),
+        communication=Communication(
+            bytes_up=up,
+            bytes_down=down,
+            bytes_per_round=(up + down) / n,
+            fedavg_bytes=fedavg,
+            fedavg_bytes_per_round=fedavg / n,
+            share_of_fedavg=(up + down) / fedavg if fedavg else None,
+        ),
+        timing=timing,
+        failures=Failures.of(records),
+        privacy=records[-1].privacy if records else None,
+        audit=_audit(records),
+        aggregator=str(config.server.aggregator),
+        aggregations=aggregations,
+        faults=_faults(config, records),
+        resumed_from=resumed_from,
+    )

@@ -1,0 +1,181 @@
+"""Honest outcomes: a failed round fails the run, hooks that break their contract say so
+in one line, and the status, the exit code and errors.log tell the truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fedkd
+from fedkd.config import load_config
+from fedkd.data import prepare_federated_data
+from fedkd.inline import InlineTransport
+from fedkd.results import Outcome, read_rounds, read_summary
+from fedkd.rounds import Federation, RunFailed
+from strategies.kd import KDServer
+from tests.conftest import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDKD = str(Path(sys.executable).parent / "fedkd")
+
+
+def _inline(cfg):
+    data, path = prepare_federated_data(cfg)
+    federation = Federation(cfg, data)
+    return federation, InlineTransport(cfg, str(path))
+
+
+def _with(small_config, *overrides):
+    return load_config(small_config, list(overrides))
+
+
+# --- in-process: the round loop's verdicts ----------------------------------------------
+
+
+def test_contract_breaking_client_hooks_fail_in_one_line(small_config):
+    cfg = _with(
+        small_config,
+        "rounds=1",
+        'clients.strategies={"1"="tests.faulty:NdarrayPredictClient",'
+        '"2"="tests.faulty:NoneTrainClient"}',
+    )
+    federation, transport = _inline(cfg)
+    (record,) = federation.run(transport)
+    errors = {f.cid: f.error for f in record.failures}
+    assert "NdarrayPredictClient.predict returned ndarray of shape (400, 10)" in errors[1]
+    assert "expects a Payload" in errors[1]
+    assert "NoneTrainClient.train returned None" in errors[2]
+    assert "dict of metric name -> float" in errors[2]
+    assert all("\n" not in e for e in errors.values())
+    assert not record.failed and sorted(record.clients) == [0, 3]
+
+
+class NdarrayAggregate(KDServer):
+    def aggregate(self, server, payloads):
+        return np.zeros(3)
+
+
+def test_a_server_hook_breaking_its_contract_fails_the_run(small_config):
+    cfg = _with(small_config, "rounds=1")
+    data, path = prepare_federated_data(cfg)
+    federation = Federation(cfg, data, NdarrayAggregate(KDServer.Params()))
+    with pytest.raises(Exception, match=r"NdarrayAggregate\.aggregate returned ndarray"):
+        federation.run(InlineTransport(cfg, str(path)))
+
+
+@pytest.mark.parametrize(("raising", "failed"), [("0-1", False), ("0-2", True)])
+def test_min_success_decides_whether_a_round_failed(small_config, raising, failed):
+    cfg = _with(
+        small_config,
+        "clients.min_success=0.5",
+        f'clients.strategies={{"{raising}"="tests.faulty:AlwaysRaisingClient"}}',
+    )
+    federation, transport = _inline(cfg)
+    if not failed:  # 2 of 4 usable replies meet min_success = 0.5
+        records = federation.run(transport)
+        assert len(records) == cfg.rounds and not any(r.failed for r in records)
+        return
+    with pytest.raises(RunFailed, match=r"round 1: 1 of 4 sampled clients replied usably"):
+        federation.run(transport)
+    (record,) = federation.records  # the failed round is recorded before the run stops
+    assert record.failed and [f.cid for f in record.failures] == [0, 1, 2]
+
+
+# --- real Flower + Ray runs ------------------------------------------------------------
+
+
+def _cli(args, cwd, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [FEDKD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kw
+    )
+
+
+@pytest.mark.simulation
+def test_a_run_whose_clients_all_raise_fails_with_a_reason(tmp_path):
+    args = ["run", *SMALL, f"output_dir={tmp_path}", "simulation.ray_init_args={num_cpus=2}"]
+    args.append('clients.strategies={"0-3"="tests.faulty:AlwaysRaisingClient"}')
+    done = _cli(args, tmp_path)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedkd: failed: round 1: 0 of 4 sampled clients replied usably")
+    assert "client 0: ValueError: client 0 always fails" in last
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    summary = read_summary(run_dir)
+    assert summary.outcome is Outcome.FAILED and summary.exit_code == 1
+    assert summary.status == last.removeprefix("fedkd: ")
+    assert "status: failed: round 1" in done.stdout.strip().splitlines()[-2]
+    (record,) = read_rounds(run_dir / "metrics.jsonl")
+    assert record.failed and len(record.failures) == 4
+    # one plain line per failure in the records; the tracebacks once each in errors.log
+    raw = (run_dir / "metrics.jsonl").read_text()
+    assert "Traceback" not in raw and "\x1b[" not in raw
+    log = (run_dir / "errors.log").read_text()
+    assert log.count("Traceback (most recent call last)") == 4 and "\x1b[" not in log
+    assert "tests/faulty.py" in log and "always fails" in log
+    assert "Traceback" not in done.stdout + done.stderr  # no framework noise on the terminal
+
+
+@pytest.mark.simulation
+def test_undecodable_targets_are_the_servers_failure(small_config):
+    cfg = _with(
+        small_config,
+        "strategy.name=tests.faulty:UndecodableTargetsServer",
+        "strategy.targets=ensemble",
+        "baseline=false",
+    )
+    with pytest.raises(fedkd.RunError) as err:
+        fedkd.run(cfg, quiet=True)
+    result = err.value.result
+    assert len(result.rounds) == 2  # round 1 has no targets yet; round 2 cannot be read
+    failures = result.rounds[1].failures
+    assert {f.side for f in failures} == {"server"} and len(failures) == 4
+    assert "unreadable server_only_logits targets from the server" in failures[0].error
+    assert "the server's fault" in result.summary.status
+
+
+@pytest.mark.slow
+@pytest.mark.simulation
+def test_ctrl_c_stops_cleanly_and_keeps_finished_rounds(tmp_path):
+    args = ["run", *SMALL, "rounds=30", f"output_dir={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [FEDKD, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group, like a terminal's foreground job
+    )
+    deadline = time.monotonic() + 180
+    metrics = None
+    while time.monotonic() < deadline:
+        found = list(tmp_path.glob("*/metrics.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 2:
+            metrics = found[0]
+            break
+        time.sleep(0.2)
+    assert metrics is not None, "the run never finished two rounds"
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole process group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert time.monotonic() - sent < 20
+    summary = json.loads((metrics.parent / "summary.json").read_text())
+    assert summary["outcome"] == "interrupted"
+    done = len(read_rounds(metrics))
+    assert 2 <= done < 30 and summary["rounds_completed"] == done
+    assert err.strip().splitlines() == [
+        "fedkd: stopping (Ctrl-C again to quit at once)...",
+        "fedkd: interrupted; finished rounds are in the run folder",
+    ], err
+    assert "Traceback" not in out
