@@ -179,3 +179,93 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_rounds(tmp_path):
         "fedkd: interrupted; finished rounds are in the run folder",
     ], err
     assert "Traceback" not in out
+
+
+# --- simulated faults in the round loop -------------------------------------------------
+
+
+class SpyKD(KDServer):
+    """Records the largest absolute logit each client sent (what arrived at the server)."""
+
+    def aggregate(self, server, payloads):
+        server.state.setdefault("peak", []).append(
+            {cid: float(np.abs(p.values).max()) for cid, p in payloads.items()}
+        )
+        return super().aggregate(server, payloads)
+
+
+def test_dropouts_and_late_replies_are_simulated_recorded_and_reproducible(small_config):
+    cfg = _with(
+        small_config,
+        "rounds=4",
+        "clients.min_success=0.1",
+        "faults.dropout=0.3",
+        "faults.stragglers=0.4",
+        "faults.delay=10",
+        "faults.deadline=8",
+    )
+    first = _inline(cfg)[0].run(_inline(cfg)[1])
+    again = _inline(cfg)[0].run(_inline(cfg)[1])
+    assert [r.faults for r in first] == [r.faults for r in again]
+    dropped = sum(len(r.faults.dropped) for r in first)
+    late = sum(len(r.faults.late) for r in first)
+    assert dropped > 0 and late > 0, "the seeded plan should drop and delay some clients"
+    for r in first:
+        gone = set(r.faults.dropped) | set(r.faults.late)
+        assert not gone & set(r.clients) and not r.failures  # simulated, not failures
+        assert set(r.clients) == set(r.sampled) - gone
+        assert all(r.faults.delays[c] > 8 for c in r.faults.late)
+    assert all(not r.failed for r in first)
+
+
+def test_byzantine_clients_send_their_attack_and_are_left_out_of_student_accuracy(small_config):
+    cfg = _with(small_config, "rounds=1", "faults.byzantine=1", "faults.scale=100")
+    data, path = prepare_federated_data(cfg)
+    honest_cfg = _with(small_config, "rounds=1")
+    spy = Federation(cfg, data, SpyKD(KDServer.Params()))
+    (record,) = spy.run(InlineTransport(cfg, str(path)))
+    honest = Federation(honest_cfg, data, SpyKD(KDServer.Params()))
+    honest.run(InlineTransport(honest_cfg, str(path)))
+    (bad,) = record.faults.byzantine
+    peak, honest_peak = spy.server.state["peak"][0], honest.server.state["peak"][0]
+    assert peak[bad] == pytest.approx(100 * honest_peak[bad], rel=1e-5)
+    assert all(peak[c] == honest_peak[c] for c in peak if c != bad)
+    assert record.clients[bad].byzantine and record.students.count == 3
+
+
+def test_median_aggregation_resists_scaled_logits_where_the_mean_does_not(small_config):
+    """One round, 1 of 4 clients x100: the median's targets stay near the honest ones."""
+    honest_cfg = _with(small_config, "rounds=1")
+    data, path = prepare_federated_data(honest_cfg)
+
+    def aggregate(*extra):
+        cfg = _with(honest_cfg, *extra)
+        federation = Federation(cfg, data)
+        federation.run(InlineTransport(cfg, str(path)))
+        return federation.targets.values
+
+    reference = aggregate()
+    for agg, bounded in (("mean", False), ("median", True)):
+        attacked = aggregate("faults.byzantine=1", f"server.aggregator={agg}")
+        clean = aggregate(f"server.aggregator={agg}")
+        moved = np.abs(attacked - clean).max() / np.abs(reference).max()
+        assert bool(moved < 1.0) is bounded, (agg, moved)
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("rounds=0", "rounds"),
+        ("clients.count=100", "partition.min_size"),
+        ("data.dataset=digits", "data"),
+        ("clients.lr=nan", "clients.lr"),
+    ],
+)
+def test_bad_input_exits_2_before_ray_starts(tmp_path, override, field):
+    started = time.monotonic()
+    done = _cli(["run", override, f"output_dir={tmp_path}"], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"fedkd: config error: {field}: ")
+    assert len(done.stderr.strip().splitlines()) == 1  # one paragraph, no traceback
+    assert time.monotonic() - started < 30  # well under 10 s unloaded; CI machines are shared
+    assert not any(tmp_path.iterdir())  # nothing was started, no run folder

@@ -27,6 +27,7 @@ from fedkd.privacy.accounting import PrivacyError, accountant_epsilon
 from fedkd.privacy.dpsgd import HISTORY_KEY, dp_train
 from fedkd.strategy import ClientNode, ClientStrategy, Metrics, ServerNode, ServerStrategy
 from fedkd.training import make_optimizer, train_supervised
+from strategies.kd import KDClient
 from tests.conftest import SMALL
 from tests.test_strategies import BASE, D, blobs
 from tests.test_strategies import C as CLASSES
@@ -621,3 +622,59 @@ def test_preflight_leaves_global_randomness_alone_and_is_quick(data):
     assert torch.equal(torch.get_rng_state(), states[0])
     assert np.array_equal(np.random.get_state()[1], states[1])
     assert random.getstate() == states[2]
+
+
+# --- the server side: central noise and PATE -----------------------------------------------
+
+
+class SpyMeanServer(ServerStrategy):
+    """A server strategy that tries to look at raw client payloads."""
+
+    client_strategy = KDClient
+    accepts = (Logits,)
+
+    def aggregates_by_mean(self) -> bool:
+        return True
+
+    def check_payload(self, server: ServerNode, cid: int, payload: Payload) -> None:
+        server.state.setdefault("checked", []).append(cid)
+
+    def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
+        server.state.setdefault("seen", []).append(sorted(payloads))
+        return next(iter(payloads.values()))
+
+
+def test_under_central_noise_the_server_strategy_sees_only_the_noisy_mean(tmp_path):
+    from fedkd.inline import InlineTransport
+    from fedkd.rounds import Federation
+
+    cfg = load_config(
+        None,
+        [*SMALL, "rounds=2", f"output_dir={tmp_path}", "privacy.mechanism=client_gaussian"],
+    )
+    data, path = prepare_federated_data(cfg)
+    federation = Federation(cfg, data, SpyMeanServer())
+    federation.run(InlineTransport(cfg, str(path)))
+    assert federation.server.state["seen"] == [[-1], [-1]]  # one noisy mean, never a client's
+    assert "checked" not in federation.server.state  # raw payloads are not handed to it
+
+
+def test_under_pate_a_client_cannot_send_anything_but_votes(tmp_path):
+    from fedkd.inline import InlineTransport
+    from fedkd.rounds import Federation
+
+    cfg = load_config(
+        None,
+        [
+            *SMALL,
+            "rounds=1",
+            f"output_dir={tmp_path}",
+            'strategy={name="pate"}',
+            'clients.strategies={"1"="kd"}',  # this client sends its raw logits
+        ],
+    )
+    data, path = prepare_federated_data(cfg)
+    (record,) = Federation(cfg, data).run(InlineTransport(cfg, str(path)))
+    (failure,) = record.failures
+    assert failure.cid == 1 and "accepts votes, got logits" in failure.error
+    assert 1 not in record.clients
