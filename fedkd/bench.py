@@ -109,20 +109,20 @@ def plain_loop(overrides: list[str], started: float) -> dict[str, Any]:
 
 
 def _fedkd_side(overrides: list[str]) -> dict[str, Any]:
+    from fedkd.results import read_rounds, read_summary
+
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "fedkd.cli", "run", "-q", *overrides]
         cmd += ["baseline=false", f"output_dir={tmp}"]
         spawned = time.time()
         subprocess.run(cmd, check=True)
         (run_dir,) = Path(tmp).iterdir()
-        summary = json.loads((run_dir / "summary.json").read_text())
-        rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        summary = read_summary(run_dir)
+        rounds = read_rounds(run_dir / "metrics.jsonl")
     return {
-        "startup_s": summary["timing"]["rounds_started_at"] - spawned,
-        "round_s": [r["seconds"] for r in rounds],
-        "accuracies": [
-            [r["clients"][c]["accuracy"] for c in sorted(r["clients"], key=int)] for r in rounds
-        ],
+        "startup_s": summary.timing["rounds_started_at"] - spawned,
+        "round_s": [r.seconds for r in rounds],
+        "accuracies": [[r.clients[c].accuracy for c in sorted(r.clients)] for r in rounds],
     }
 
 

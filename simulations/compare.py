@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,20 +32,20 @@ def _config(name: str) -> str:
 
 def _row(name: str, result: fedkd.RunResult) -> dict:
     s = result.summary
-    f, c, t = s["final"], s["communication"], s["timing"]
+    f, c, t = s.final, s.communication, s.timing
     return {
         "algorithm": name,
-        "strategy": s["strategy"],
-        "students_mean": f["students"]["mean"] if f["students"] else None,
-        "students_min": f["students"]["min"] if f["students"] else None,
-        "gain_points": f["gain_points"],  # vs local-only training of the same students
-        "server_model": f["server_model"],
-        "bytes_per_round": c["bytes_per_round"],
-        "share_of_fedavg": c["share_of_fedavg"],
+        "strategy": s.strategy,
+        "students_mean": f.students.mean if f.students else None,
+        "students_min": f.students.min if f.students else None,
+        "gain_points": f.gain_points,  # vs local-only training of the same students
+        "server_model": f.server_model,
+        "bytes_per_round": c.bytes_per_round,
+        "share_of_fedavg": c.share_of_fedavg,
         "rounds_s": t["rounds_s"],
         "total_s": t["total_s"],
-        "failures": s["failures"],
-        "curve": [r["students"]["mean"] for r in result.rounds],
+        "failures": s.failures.count,
+        "curve": [r.students.mean if r.students else None for r in result.rounds],
         "directory": str(result.directory),
     }
 
@@ -85,7 +86,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, r in enumerate(rows):
         color = f"C{i % 10}"  # one colour per algorithm in both panels
-        curve = [100 * v for v in r["curve"]]
+        curve = [math.nan if v is None else 100 * v for v in r["curve"]]  # None: no student
         left.plot(range(1, len(curve) + 1), curve, "o-", ms=3, color=color, label=r["algorithm"])
         if r["bytes_per_round"] > 0:
             xy = (r["bytes_per_round"] / 1024, 100 * r["students_mean"])
@@ -136,9 +137,7 @@ def main(argv: list[str]) -> int:
             flush=True,
         )
         s = result.summary
-        setting = (
-            f"{s['data']}; {s['clients']} clients; {s['rounds']} rounds; seed {result.config.seed}"
-        )
+        setting = f"{s.data}; {s.clients} clients; {s.rounds} rounds; seed {result.config.seed}"
         # written after every run, so an interrupted comparison keeps what it has
         (out / "comparison.json").write_text(
             json.dumps({"setting": setting, "rows": rows}, indent=2)

@@ -73,22 +73,21 @@ def settings(args: argparse.Namespace) -> list[tuple[str, float | None, list[str
 
 def _row(mechanism: str, sigma: float | None, result: fedkd.RunResult) -> dict:
     s = result.summary
-    f, priv = s["final"], s.get("privacy") or {}
-    audit = priv.get("audit", {})
+    f, priv, audit = s.final, s.privacy, s.audit  # privacy: None without a DP mechanism
     return {
         "mechanism": mechanism,
         "strategy": result.config.strategy.name,
         "sigma": sigma,
-        "unit": priv.get("unit", "-"),
-        "epsilon": priv.get("epsilon", math.inf),
-        "delta": priv.get("delta"),
-        "rounds": s["rounds_completed"],
-        "students": f["students"]["mean"] if f["students"] else None,
-        "server_model": f["server_model"],
-        "mia_auc": audit.get("mia_auc"),
-        "mia_advantage": audit.get("mia_advantage"),
-        "status": s["status"],
-        "total_s": s["timing"]["total_s"],
+        "unit": priv.unit if priv else "-",
+        "epsilon": priv.epsilon if priv else math.inf,
+        "delta": priv.delta if priv else None,
+        "rounds": s.rounds_completed,
+        "students": f.students.mean if f.students else None,
+        "server_model": f.server_model,
+        "mia_auc": audit.mia_auc if audit else None,
+        "mia_advantage": audit.mia_advantage if audit else None,
+        "status": s.status,
+        "total_s": s.timing["total_s"],
         "directory": str(result.directory),
     }
 
@@ -207,7 +206,7 @@ def main(argv: list[str]) -> int:
         )
         s = result.summary
         setting = (
-            f"{s['data']}; {s['clients']} clients; up to {s['rounds']} rounds; "
+            f"{s.data}; {s.clients} clients; up to {s.rounds} rounds; "
             f"strategies as in the table; seed {result.config.seed}"
         )
         (out / "privacy_utility.json").write_text(

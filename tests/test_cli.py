@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 
 import pytest
 
+from fedkd.results import Outcome, read_rounds, read_summary
 from tests.conftest import SMALL
 
 
@@ -55,8 +55,10 @@ def test_fedkd_run_with_overrides_prints_progress_and_summary(tmp_path):
     assert "round   2/2 | server" in proc.stdout
     assert "students, local-only" in proc.stdout and "% teacher" in proc.stdout
     (run_dir,) = tmp_path.iterdir()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds_completed"] == 2 and summary["status"] == "completed"
+    summary = read_summary(run_dir)
+    assert summary.rounds_completed == 2 and summary.status == "completed"
+    assert summary.outcome is Outcome.COMPLETED
+    assert [r.round for r in read_rounds(run_dir / "metrics.jsonl")] == [1, 2]
 
 
 def test_bench_help_lists_its_options():

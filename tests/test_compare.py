@@ -24,6 +24,7 @@ def test_unknown_algorithm_is_named(tmp_path):
     assert proc.returncode == 2 and "fedmagic" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.simulation
 def test_compare_writes_table_json_and_plot(tmp_path):
     proc = _compare("--algorithms", "fd,cfd", "--out", str(tmp_path), *SMALL, "rounds=2")

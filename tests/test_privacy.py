@@ -218,13 +218,14 @@ def test_dpsgd_under_flower_trains_above_chance_at_a_stated_epsilon(tmp_path):
     )
     result = fedkd.run(cfg, quiet=True)
     last = result.rounds[-1]
-    assert last["failures"] == [] and last["students"]["mean"] > 0.15
-    priv = result.summary["privacy"]
-    assert priv["unit"].startswith("record-level") and priv["delta"] == 1e-5
-    client_eps = {c: m["epsilon"] for c, m in last["clients"].items()}
-    assert priv["clients"] == pytest.approx(client_eps, rel=1e-9)  # server mirrors clients
-    assert 1 < priv["epsilon"] < 30
-    assert 0 <= priv["audit"]["mia_advantage"] <= 1
+    assert last.failures == () and last.students.mean > 0.15
+    priv = result.summary.privacy
+    assert priv.unit.startswith("record-level") and priv.delta == 1e-5
+    client_eps = {c: m.metrics["epsilon"] for c, m in last.clients.items()}
+    assert priv.clients == pytest.approx(client_eps, rel=1e-9)  # server mirrors clients
+    assert 1 < priv.epsilon < 30
+    assert 0 <= result.summary.audit.mia_advantage <= 1
+    assert result.summary.status == "completed"
 
 
 @pytest.mark.simulation
@@ -238,10 +239,11 @@ def test_central_client_level_noise_and_budget_stop_under_flower(tmp_path):
         "privacy.target_epsilon=3",
     )
     result = fedkd.run(cfg, quiet=True)
-    assert result.summary["status"].startswith("stopped early: privacy budget")
-    eps = [r["privacy"]["epsilon"] for r in result.rounds]
+    assert result.summary.status.startswith("stopped early: privacy budget")
+    assert result.exit_code == 4
+    eps = [r.privacy.epsilon for r in result.rounds]
     assert 1 <= len(eps) < 4 and eps == sorted(eps) and eps[-1] <= 3
-    assert result.summary["privacy"]["unit"].startswith("client-level (central")
+    assert result.summary.privacy.unit.startswith("client-level (central")
 
 
 @pytest.mark.simulation
