@@ -72,6 +72,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from fedkd.aggregators import AGGREGATORS
     from fedkd.data import DATASETS, PARTITIONERS
     from fedkd.losses import KD_LOSSES
     from fedkd.models import MODELS
@@ -84,6 +85,7 @@ def _list(args: argparse.Namespace) -> int:
         ("datasets", DATASETS),
         ("partitioners", PARTITIONERS),
         ("kd losses", KD_LOSSES),
+        ("aggregators", AGGREGATORS),
     ):
         print(f"{label:18} {', '.join(reg.names())}")
     return 0

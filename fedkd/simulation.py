@@ -28,11 +28,13 @@ from fedkd.models import build_model, check_model_spec
 from fedkd.privacy.accounting import PrivacyLedger
 from fedkd.profiling import profile_model
 from fedkd.results import (
+    Outcome,
     RoundRecord,
     RunDirectory,
     RunSummary,
     plot_accuracy,
     progress_line,
+    read_summary,
     summary_table,
 )
 from fedkd.results.records import write_jsonl
@@ -218,8 +220,11 @@ def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = 
     data, data_path = _prepare(cfg)
     federation = Federation(cfg, data)
     done = restore_checkpoint(out.path, federation)
-    if done >= cfg.rounds or federation.stopped:
-        raise ConfigError("run_dir", f"{out.path} already finished its {done} rounds")
+    summary = out.path / "summary.json"
+    if summary.is_file():
+        previous = read_summary(out.path)
+        if previous.outcome not in (Outcome.INTERRUPTED, Outcome.FAILED):
+            raise ConfigError("run_dir", f"{out.path} has ended ({previous.status})")
     write_jsonl(out.path / "metrics.jsonl", federation.records)
     DiskStateStore(out.clients_dir).discard_after(done)
     (out.path / "baseline.jsonl").unlink(missing_ok=True)
@@ -228,8 +233,11 @@ def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = 
     return _execute(cfg, data, data_path, out, federation, quiet=quiet, t0=t0, resumed_from=done)
 
 
-def _run_baseline(cfg: Config, data: FederatedData, data_path: Path, out: RunDirectory) -> list:
-    """The same students trained on their private data alone (no federation)."""
+def _run_baseline(
+    cfg: Config, data: FederatedData, data_path: Path, out: RunDirectory, stop: threading.Event
+) -> list[RoundRecord]:
+    """The same students trained on their private data alone (no federation); Ctrl-C
+    (``stop``) ends it between rounds."""
     from fedkd.inline import InlineTransport
 
     d = cfg.to_dict()  # every client local and honest: no per-client strategies, no faults
@@ -242,7 +250,7 @@ def _run_baseline(cfg: Config, data: FederatedData, data_path: Path, out: RunDir
         records.append(r)
         out.append_round("baseline.jsonl", r)
 
-    Federation(local_cfg, data).run(InlineTransport(local_cfg, str(data_path)), keep)
+    Federation(local_cfg, data).run(InlineTransport(local_cfg, str(data_path)), keep, stop=stop)
     return records
 
 
@@ -263,7 +271,8 @@ def _execute(
 
     def on_round(record: RoundRecord) -> None:
         out.append_round("metrics.jsonl", record)
-        save_checkpoint(out.path, federation)
+        if not record.failed:  # a resumed run re-runs a failed round instead of going past it
+            save_checkpoint(out.path, federation)
         _say(quiet, progress_line(record, cfg.rounds))
 
     baseline: list[RoundRecord] = []
@@ -274,14 +283,15 @@ def _execute(
     b0 = None
     try:
         with ctrl_c_stops(stop):
-            run_flower(
-                federation, str(data_path), str(out.clients_dir), on_round, box,
-                stop=stop, errors=out.log_error,
-            )  # fmt: skip
+            if federation.next_round <= cfg.rounds:  # (a resumed run may only lack its baseline)
+                run_flower(
+                    federation, str(data_path), str(out.clients_dir), on_round, box,
+                    stop=stop, errors=out.log_error,
+                )  # fmt: skip
             if cfg.baseline and cfg.strategy.name != "local":
                 _say(quiet, "local-only baseline (same students, same budget, no federation)...")
                 b0 = time.time()
-                baseline = _run_baseline(cfg, data, data_path, out)
+                baseline = _run_baseline(cfg, data, data_path, out, stop)
     except (KeyboardInterrupt, Interrupted):
         interrupted = True
     except RunFailed as err:  # the server hook's traceback, if one raised (else: no code failed)

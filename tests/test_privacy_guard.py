@@ -29,7 +29,7 @@ from fedkd.strategy import ClientNode, ClientStrategy, Metrics, ServerNode, Serv
 from fedkd.training import make_optimizer, train_supervised
 from strategies.kd import KDClient
 from tests.conftest import SMALL
-from tests.test_strategies import BASE, D, blobs
+from tests.test_strategies import BASE, D, blobs, make_client
 from tests.test_strategies import C as CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,31 +44,9 @@ def _cfg(mechanism: str = "dpsgd", *extra: str):
 
 def _node(mechanism: str = "dpsgd", strategy: str = "the client strategy"):
     """A client built as fedkd.client builds one (privacy set when a mechanism is on)."""
-    from fedkd.models import build_model
-
     cfg = _cfg(mechanism)
-    x, y = blobs(48, seed=1000)
-    public_x, public_y = blobs(60, seed=7)
-    test_x, test_y = blobs(60, seed=8)
-    model = build_model(cfg.clients.models[0], (D,), CLASSES, seed=0)
-    return ClientNode(
-        cid=0,
-        round=1,
-        model=model,
-        optimizer=make_optimizer(cfg.clients.optimizer, model, cfg.clients.lr),
-        x=x,
-        y=y,
-        public_x=public_x,
-        public_y=public_y,
-        test_x=test_x,
-        test_y=test_y,
-        num_classes=CLASSES,
-        settings=cfg.clients,
-        generator=torch.Generator().manual_seed(0),
-        device=torch.device("cpu"),
-        privacy=cfg.privacy if mechanism != "none" else None,
-        strategy_name=strategy,
-    )
+    privacy = cfg.privacy if mechanism != "none" else None
+    return make_client(cfg, 0, privacy=privacy, strategy_name=strategy)
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -177,3 +177,6 @@ def test_kill_9_in_round_5_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert _numbers(read_rounds(run_dir / "metrics.jsonl")) == _numbers(
         read_rounds(full_run / "metrics.jsonl")
     )
+    # a run that has ended is not resumed (nothing starts; exit 2 names the folder)
+    again = _run_cli(["resume", str(full_run)], tmp_path)
+    assert again.returncode == 2 and "has ended (completed)" in again.stderr

@@ -68,9 +68,10 @@ def blobs(n: int, seed: int, classes=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_client(
-    cfg, cid: int, *, spec: str | None = None, n: int = 48, seed: int = 0, classes=None
+    cfg, cid: int, *, spec: str | None = None, n: int = 48, seed: int = 0, classes=None, **extra
 ):
-    """A client with private blobs, public blobs (labelled) and a fresh student."""
+    """A client with private blobs, public blobs (labelled) and a fresh student; ``extra``
+    sets further ClientNode fields (e.g. ``privacy``, ``strategy_name``)."""
     x, y = blobs(n, seed=1000 + cid, classes=classes)
     public_x, public_y = blobs(60, seed=7)
     test_x, test_y = blobs(60, seed=8)
@@ -90,6 +91,7 @@ def make_client(
         settings=cfg.clients,
         generator=torch.Generator().manual_seed(cid),
         device=torch.device("cpu"),
+        **extra,
     )
 
 
