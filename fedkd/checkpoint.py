@@ -49,7 +49,6 @@ def save_checkpoint(run_dir: Path, federation: Federation) -> None:
         "teacher_updates": s.teacher_updates,
         "aggregations": s.aggregations,
         "targets": federation.targets,
-        "stopped": federation.stopped,
         "rng": {
             "torch": torch.get_rng_state(),
             "numpy": np.random.get_state(),
@@ -83,7 +82,6 @@ def restore_checkpoint(run_dir: Path, federation: Federation) -> int:
     s.aggregations = state["aggregations"]
     federation.strategy = state["strategy"]
     federation.targets = state["targets"]
-    federation.stopped = state["stopped"]
     federation.records = [RoundRecord.from_json(r) for r in state["records"]]
     federation.started = True
     torch.set_rng_state(state["rng"]["torch"])

@@ -18,7 +18,7 @@ import torch
 from fedkd.config import Config, Spec, parse_id_range
 from fedkd.contracts import check_metrics, check_payload
 from fedkd.data import load_federated_data
-from fedkd.faults import attack_payload, attack_rng, byzantine_clients, flip_labels
+from fedkd.faults import byzantine_clients, byzantine_payload, flip_labels
 from fedkd.models import build_model
 from fedkd.payloads import Payload, PayloadError
 from fedkd.privacy.accounting import accountant_epsilon
@@ -61,11 +61,15 @@ class TargetsError(RuntimeError):
 
 
 def _safe_globals() -> list[Any]:
-    """NumPy's array reconstruction (data only), for ``torch.load(weights_only=True)``."""
-    from numpy._core.multiarray import _reconstruct
+    """NumPy's array and scalar reconstruction (data only), for ``torch.load(weights_only=
+    True)``."""
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
 
     dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    return [_reconstruct, np.ndarray, np.dtype, *dtypes]
+    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
 
 
 def load_state(blob: bytes) -> dict[str, Any]:
@@ -206,12 +210,9 @@ class ClientRuntime:
     def _release(
         self, node: ClientNode, payload: Payload | None, metrics: dict[str, float]
     ) -> Payload | None:
-        """What leaves the client: a Byzantine client's attack, then local DP noise."""
+        """What leaves the client: the payload after local DP noise, or, from a Byzantine
+        client, its attack on that (an attacker does not clip its own upload)."""
         cfg, cid, rnd = self.config, node.cid, node.round
-        if payload is not None and cid in self.byzantine:
-            rng = attack_rng(cfg, rnd, cid)
-            f = cfg.faults
-            payload = attack_payload(payload, f.attack, f.scale, self.data.num_classes, rng)
         privacy = cfg.privacy
         history = node.dp_history()
         if history is not None:  # DP-SGD: this client's accountant, as the runtime kept it
@@ -228,6 +229,8 @@ class ClientRuntime:
             noise = NoiseSource(cfg.seed, privacy.secure_noise)
             sigma = privacy.noise_multiplier
             payload = local_release(payload, privacy.clip, sigma, noise, rnd, cid)
+        if payload is not None and cid in self.byzantine:
+            payload = byzantine_payload(cfg, rnd, cid, payload, self.data.num_classes)
         return payload
 
     def _evaluate(self, node: ClientNode) -> dict[str, float]:

@@ -168,6 +168,10 @@ class SimulationConfig:
         _positive("round_timeout", self.round_timeout)
 
 
+#: what Byzantine clients can do (see fedkd.faults.attack_payload)
+ATTACKS = ("random", "signflip", "scale", "labelflip")
+
+
 @dataclass(frozen=True)
 class FaultsConfig:
     """Simulated faults, drawn from the run seed per (round, client) and recorded per round.
@@ -196,15 +200,15 @@ class FaultsConfig:
             raise ConfigError(
                 "byzantine", f"a count must be whole, got {self.byzantine!r} (or a fraction < 1)"
             )
-        attacks = ("random", "signflip", "scale", "labelflip")
-        if self.attack not in attacks:
-            raise ConfigError("attack", f"must be one of {', '.join(attacks)}; got {self.attack!r}")
+        if self.attack not in ATTACKS:
+            raise ConfigError("attack", f"must be one of {', '.join(ATTACKS)}; got {self.attack!r}")
 
     def byzantine_count(self, clients: int) -> int:
-        """How many of ``clients`` are Byzantine."""
+        """How many of ``clients`` are Byzantine: a count, or a fraction rounded up (so a
+        fraction > 0 always makes at least one)."""
         if self.byzantine >= 1:
             return int(self.byzantine)
-        return int(round(self.byzantine * clients))
+        return math.ceil(self.byzantine * clients - 1e-9)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,19 @@ class HookError(TypeError):
     """A strategy hook broke its contract (wrong return type or value)."""
 
 
+def one_line(err: BaseException) -> str:
+    """``Type: message`` on one line (the first line of a multi-line message)."""
+    text = str(err).strip().splitlines()
+    name = type(err).__name__
+    return f"{name}: {text[0]}" if text else name
+
+
+def min_usable(fraction: float, sampled: int) -> int:
+    """Usable replies a round needs: ``fraction`` of ``sampled``, rounded up (float-safe:
+    0.55 of 100 needs 55, not 56)."""
+    return math.ceil(fraction * sampled - 1e-9)
+
+
 def describe(value: Any) -> str:
     """A short description of a value: its type, and its shape or length where useful."""
     if value is None:

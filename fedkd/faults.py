@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedkd.config import Config
+from fedkd.config import ATTACKS, Config
 from fedkd.payloads import (
     ClassLogits,
     Logits,
@@ -34,7 +34,6 @@ from fedkd.payloads import (
 )
 from fedkd.seeding import derive_seed
 
-ATTACKS = ("random", "signflip", "scale", "labelflip")
 _TINY = 1e-12  # probabilities are clipped here before taking logs (log 0 = -inf)
 
 

@@ -30,9 +30,18 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedkd.client import FitReply, TargetsError, get_runtime
 from fedkd.config import Config
+from fedkd.contracts import one_line
 from fedkd.payloads import Payload
 from fedkd.results.rundir import plain_text
-from fedkd.rounds import ErrorLog, Failure, Federation, Interrupted, RoundCallback, RunFailed
+from fedkd.rounds import (
+    ErrorLog,
+    Failure,
+    Federation,
+    Interrupted,
+    RoundCallback,
+    RunFailed,
+    StopSignal,
+)
 from fedkd.wire import arrays_to_record, payload_to_record, record_to_payload
 
 log = logging.getLogger("fedkd")
@@ -76,18 +85,18 @@ def make_client_app(config: Config, data_path: str, state_dir: str) -> ClientApp
                 except Exception as err:
                     raise TargetsError(f"unreadable {kind} targets from the server: {err}") from err
             reply = runtime.fit(cid, rnd, targets, idx)
+            out = RecordDict(
+                {
+                    "meta": ConfigRecord(
+                        {"cid": cid, "kind": reply.payload.kind if reply.payload else ""}
+                    ),
+                    "metrics": MetricRecord(reply.metrics),
+                }
+            )
+            if reply.payload is not None:
+                out["payload"] = payload_to_record(reply.payload)
         except Exception as err:
             return _error_reply(msg, cid, err)
-        out = RecordDict(
-            {
-                "meta": ConfigRecord(
-                    {"cid": cid, "kind": reply.payload.kind if reply.payload else ""}
-                ),
-                "metrics": MetricRecord(reply.metrics),
-            }
-        )
-        if reply.payload is not None:
-            out["payload"] = payload_to_record(reply.payload)
         return Message(out, reply_to=msg)
 
     return app
@@ -104,13 +113,14 @@ def _read_reply(cid: int, reply: Message) -> FitReply | Failure:
         e = reply.content.config_records["error"]
         return Failure(cid, str(e["error"]), str(e["side"]), str(e["traceback"]) or None)
     meta = reply.content.config_records["meta"]
+    metrics = {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
     payload = None
     if meta["kind"]:
         try:
             payload = record_to_payload(str(meta["kind"]), reply.content["payload"])
         except Exception as err:  # unknown kind or missing arrays: the client's fault
-            return Failure(cid, f"unreadable {meta['kind']} payload: {err}")
-    metrics = {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
+            error = f"unreadable {meta['kind']} payload: {one_line(err)}"
+            return Failure(cid, error, metrics=metrics)  # it was sent: privacy is charged
     return FitReply(cid, payload, metrics)
 
 
@@ -123,7 +133,7 @@ class FlowerTransport:
         grid: Grid,
         nodes: dict[int, int],
         timeout: float,
-        stop: threading.Event | None = None,
+        stop: StopSignal | None = None,
     ) -> None:
         self.grid = grid
         self.nodes = nodes  # client id -> node id
@@ -159,40 +169,58 @@ class FlowerTransport:
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
     ) -> dict[int, FitReply | Failure]:
         by_node = {node: cid for cid, node in self.nodes.items()}
-        pending = set(self.grid.push_messages(self._messages(rnd, requests, public_idx)))
+        messages = self._messages(rnd, requests, public_idx)
         out: dict[int, FitReply | Failure] = {}
-        deadline = time.monotonic() + self.timeout
-        while pending and time.monotonic() < deadline:
-            if self.stop is not None and self.stop.is_set():
-                raise Interrupted(f"stopped during round {rnd}")
-            for reply in self.grid.pull_messages(pending):
-                pending.discard(reply.metadata.reply_to_message_id)
-                cid = by_node[reply.metadata.src_node_id]
-                out[cid] = _read_reply(cid, reply)
-            if pending:
-                time.sleep(0.01)
+        for reply in send_and_wait(self.grid, messages, self.timeout, self.stop, f"round {rnd}"):
+            cid = by_node[reply.metadata.src_node_id]
+            out[cid] = _read_reply(cid, reply)
         for cid in requests:
             out.setdefault(cid, Failure(cid, f"no reply within {self.timeout:g} s"))
         return out
 
 
-def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+def send_and_wait(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    stop: StopSignal | None,
+    what: str,
+) -> Iterator[Message]:
+    """Push ``messages`` and yield the replies as they come, until all are in or
+    ``timeout`` passes; raises :class:`Interrupted` within ~10 ms of ``stop`` being set."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            raise Interrupted(f"stopped during {what}")
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            yield reply
+        if pending:
+            time.sleep(0.01)
+
+
+def _wait_for_nodes(grid: Grid, count: int, timeout: float, stop: StopSignal | None) -> list[int]:
     """SuperNodes register asynchronously: wait until all ``count`` are present."""
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= count:
             return nodes
+        if stop is not None and stop.is_set():
+            raise Interrupted("stopped while the clients started")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {count} simulated clients registered")
+            raise RunFailed(f"only {len(nodes)} of {count} simulated clients registered")
         time.sleep(0.05)
 
 
-def _handshake(grid: Grid, nodes: Iterable[int], timeout: float) -> dict[int, int]:
+def _handshake(
+    grid: Grid, nodes: Iterable[int], timeout: float, stop: StopSignal | None
+) -> dict[int, int]:
     """Ask every node for its partition id (= client id); also warms the workers."""
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.hello") for n in nodes]
     mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
+    for reply in send_and_wait(grid, msgs, timeout, stop, "start-up"):
         if reply.has_error():
             raise RunFailed(f"a client failed to start: {plain_text(str(reply.error.reason))}")
         if "error" in reply.content.config_records:
@@ -206,7 +234,7 @@ def make_server_app(
     federation: Federation,
     on_round: RoundCallback | None,
     box: dict[str, Any],
-    stop: threading.Event | None = None,
+    stop: StopSignal | None = None,
     errors: ErrorLog | None = None,
 ) -> ServerApp:
     """A ServerApp that runs (or continues) ``federation``; timings go into ``box``."""
@@ -216,8 +244,8 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         timeout = config.simulation.round_timeout
-        nodes = _wait_for_nodes(grid, config.clients.count, timeout)
-        mapping = _handshake(grid, nodes, timeout)
+        nodes = _wait_for_nodes(grid, config.clients.count, timeout, stop)
+        mapping = _handshake(grid, nodes, timeout, stop)
         missing = sorted(set(range(config.clients.count)) - set(mapping))
         if missing:
             raise RunFailed(f"clients {missing} did not answer the start-up handshake")
@@ -274,7 +302,7 @@ def run_flower(
     on_round: RoundCallback | None = None,
     box: dict[str, Any] | None = None,
     *,
-    stop: threading.Event | None = None,
+    stop: StopSignal | None = None,
     errors: ErrorLog | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) ``federation`` under Flower's simulation engine on Ray.
@@ -292,15 +320,30 @@ def run_flower(
         logging.getLogger("ray").setLevel(logging.CRITICAL)
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     box = {} if box is None else box
+    ended = threading.Event()  # set when the simulation returns: the server loop must end too
+    halt = AnyEvent(ended) if stop is None else AnyEvent(stop, ended)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
-        run_simulation(
-            server_app=make_server_app(federation, on_round, box, stop, errors),
-            client_app=make_client_app(config, data_path, state_dir),
-            num_supernodes=config.clients.count,
-            backend_name=config.simulation.backend,
-            backend_config=backend_config(config),
-            verbose_logging=config.simulation.verbose,
-        )
+        try:
+            run_simulation(
+                server_app=make_server_app(federation, on_round, box, halt, errors),
+                client_app=make_client_app(config, data_path, state_dir),
+                num_supernodes=config.clients.count,
+                backend_name=config.simulation.backend,
+                backend_config=backend_config(config),
+                verbose_logging=config.simulation.verbose,
+            )
+        finally:
+            ended.set()
     return box
+
+
+class AnyEvent:
+    """Set when any of its events is (the stop signal the server loop polls)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)

@@ -12,8 +12,6 @@ rounds survive a crash, a kill or Ctrl-C, and ``fedkd resume`` can continue.
 from __future__ import annotations
 
 import logging
-import math
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -25,7 +23,7 @@ import torch
 
 from fedkd.client import FitReply, TargetsError, resolve_device, student_spec
 from fedkd.config import Config
-from fedkd.contracts import check_metrics, check_payload
+from fedkd.contracts import check_metrics, check_payload, min_usable, one_line
 from fedkd.data import FederatedData
 from fedkd.faults import RoundFaults, byzantine_clients, plan_round
 from fedkd.models import build_model
@@ -56,13 +54,13 @@ class Failure:
     error: str
     side: str = "client"
     traceback: str | None = None
+    metrics: dict[str, float] | None = None  # what a client reported along an unusable payload
 
     @classmethod
     def from_exception(cls, cid: int, err: BaseException) -> Failure:
         """A failure from an exception raised while running client ``cid``'s round."""
         side = "server" if isinstance(err, TargetsError) else "client"
-        line = traceback.format_exception_only(type(err), err)[-1].strip()
-        return cls(cid, line, side, "".join(traceback.format_exception(err)))
+        return cls(cid, one_line(err), side, "".join(traceback.format_exception(err)))
 
 
 class RunFailed(RuntimeError):
@@ -81,6 +79,12 @@ class Transport(Protocol):
     ) -> dict[int, FitReply | Failure]:
         """Run round ``rnd`` on each client in ``requests`` (client id -> its targets)."""
         ...
+
+
+class StopSignal(Protocol):
+    """Anything with ``is_set()``, e.g. a ``threading.Event`` that Ctrl-C sets."""
+
+    def is_set(self) -> bool: ...
 
 
 RoundCallback = Callable[[RoundRecord], None]
@@ -163,8 +167,8 @@ class Federation:
         except (RunFailed, Interrupted):
             raise
         except Exception as err:
-            line = traceback.format_exception_only(type(err), err)[-1].strip()
-            raise RunFailed(f"server: {type(self.strategy).__name__}.{name} raised {line}") from err
+            who = f"{type(self.strategy).__name__}.{name}"
+            raise RunFailed(f"server: {who} raised {one_line(err)}") from err
 
     def _check(self, reply: FitReply, public_idx: np.ndarray) -> str | None:
         """Why this reply's payload cannot be aggregated (None: it can)."""
@@ -203,7 +207,7 @@ class Federation:
         transport: Transport,
         on_round: RoundCallback | None = None,
         *,
-        stop: threading.Event | None = None,
+        stop: StopSignal | None = None,
         errors: ErrorLog | None = None,
     ) -> list[RoundRecord]:
         """Run the remaining rounds; returns every round's record (also passed to
@@ -231,8 +235,11 @@ class Federation:
             torch.set_num_threads(threads)
 
     def failed_reason(self, record: RoundRecord) -> str:
-        need = math.ceil(self.config.clients.min_success * len(record.sampled))
+        need = min_usable(self.config.clients.min_success, len(record.sampled))
         why = f"; first: {record.failures[0].describe()}" if record.failures else ""
+        f = record.faults
+        if f is not None and (f.dropped or f.late):
+            why += f" ({len(f.dropped)} dropped, {len(f.late)} late: simulated faults)"
         return (
             f"round {record.round}: {record.usable} of {len(record.sampled)} sampled clients "
             f"replied usably, below clients.min_success = {self.config.clients.min_success:g} "
@@ -273,8 +280,8 @@ class Federation:
         clients, failures, payloads, replied = self._collect(
             rnd, cids, faults, replies, down, query, errors
         )
+        server.privacy.charge(cids, replied)  # before the server's hooks, which may raise
         server_metrics = self._aggregate(rnd, cids, payloads)
-        server.privacy.charge(cids, replied)
         usable = len(clients)
         record = RoundRecord(
             round=rnd,
@@ -287,8 +294,8 @@ class Federation:
             + int(sum(f.bytes_up for f in failures)),  # rejected payloads travelled too
             bytes_down=int(sum(down.values())),
             privacy=self._privacy_record(),
-            faults=_faults_record(faults) if self._faults_on() else None,
-            failed=usable < math.ceil(cfg.clients.min_success * len(cids)),
+            faults=FaultsRecord.from_json(faults.to_dict()) if self._faults_on() else None,
+            failed=usable < min_usable(cfg.clients.min_success, len(cids)),
         )
         return record
 
@@ -316,6 +323,8 @@ class Federation:
                 continue  # simulated dropout: no message was sent (recorded under faults)
             reply = replies.get(cid, Failure(cid, "no reply"))
             up = 0
+            if isinstance(reply, Failure) and reply.metrics is not None:
+                replied[cid] = reply.metrics  # it released something: charge it
             if isinstance(reply, FitReply):
                 up = reply.payload.nbytes if reply.payload is not None else 0
                 self.server.num_examples[cid] = int(reply.metrics["num_examples"])
@@ -376,12 +385,3 @@ class Federation:
         assert self.server.privacy is not None
         raw = self.server.privacy.record()
         return PrivacyRecord.from_json(raw)
-
-
-def _faults_record(faults: RoundFaults) -> FaultsRecord:
-    return FaultsRecord(
-        dropped=tuple(faults.dropped),
-        late=tuple(faults.late),
-        delays=dict(faults.delays),
-        byzantine=tuple(faults.byzantine),
-    )

@@ -22,6 +22,7 @@ from typing import Any
 
 from fedkd.client import student_spec
 from fedkd.config import Config, ConfigError, Spec, load_config
+from fedkd.contracts import one_line
 from fedkd.data import FederatedData, prepare_federated_data
 from fedkd.data.federation import check_data_config
 from fedkd.models import build_model, check_model_spec
@@ -89,6 +90,18 @@ def check_config(config: Config) -> None:
     from fedkd.aggregators import make_aggregator
 
     make_aggregator(config.server.aggregator)
+    if config.server.aggregator.name != "mean" and not strategy.uses_aggregator:
+        raise ConfigError(
+            "server.aggregator",
+            f"strategy {config.strategy.name!r} does not combine logits or soft labels "
+            f"through server.aggregator, so {config.server.aggregator.name!r} would not apply; "
+            "use a strategy that does (kd, fedmd, feddf, dsfl, cfd) or aggregator = 'mean'",
+        )
+    if config.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device", "'cuda' but this machine has no usable GPU; use 'auto'")
     check_privacy_config(config, strategy)
 
 
@@ -219,12 +232,19 @@ def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = 
     cfg = load_config(out.path / "config.toml")
     data, data_path = _prepare(cfg)
     federation = Federation(cfg, data)
-    done = restore_checkpoint(out.path, federation)
-    summary = out.path / "summary.json"
-    if summary.is_file():
-        previous = read_summary(out.path)
-        if previous.outcome not in (Outcome.INTERRUPTED, Outcome.FAILED):
-            raise ConfigError("run_dir", f"{out.path} has ended ({previous.status})")
+    if cfg.privacy.secure_noise and cfg.privacy.mechanism != "none":
+        raise ConfigError(
+            "privacy.secure_noise",
+            "a resumed run re-runs the round that was cut short, with fresh OS noise, so that "
+            "round's release would be charged once but made twice; start the run again instead",
+        )
+    try:
+        done = restore_checkpoint(out.path, federation)
+        previous = read_summary(out.path) if (out.path / "summary.json").is_file() else None
+    except ValueError as err:  # another schema, or not a fedkd checkpoint
+        raise ConfigError("run_dir", str(err)) from None
+    if previous is not None and previous.outcome not in (Outcome.INTERRUPTED, Outcome.FAILED):
+        raise ConfigError("run_dir", f"{out.path} has ended ({previous.status})")
     write_jsonl(out.path / "metrics.jsonl", federation.records)
     DiskStateStore(out.clients_dir).discard_after(done)
     (out.path / "baseline.jsonl").unlink(missing_ok=True)
@@ -234,24 +254,35 @@ def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = 
 
 
 def _run_baseline(
-    cfg: Config, data: FederatedData, data_path: Path, out: RunDirectory, stop: threading.Event
-) -> list[RoundRecord]:
-    """The same students trained on their private data alone (no federation); Ctrl-C
-    (``stop``) ends it between rounds."""
+    cfg: Config,
+    data: FederatedData,
+    data_path: Path,
+    out: RunDirectory,
+    stop: threading.Event,
+    records: list[RoundRecord],
+) -> None:
+    """The same students trained on their private data alone (no federation), appended
+    to ``records`` round by round; Ctrl-C (``stop``) ends it between rounds."""
     from fedkd.inline import InlineTransport
 
     d = cfg.to_dict()  # every client local and honest: no per-client strategies, no faults
     d["clients"] = {**d["clients"], "strategies": {}}
     d.pop("faults", None)
     local_cfg = load_config({**d, "strategy": {"name": "local"}})
-    records: list[RoundRecord] = []
 
     def keep(r: RoundRecord) -> None:
         records.append(r)
         out.append_round("baseline.jsonl", r)
 
-    Federation(local_cfg, data).run(InlineTransport(local_cfg, str(data_path)), keep, stop=stop)
-    return records
+    def log(where: str, message: str, trace: str | None) -> None:
+        out.log_error(f"baseline, {where}", message, trace)
+
+    try:
+        Federation(local_cfg, data).run(
+            InlineTransport(local_cfg, str(data_path)), keep, stop=stop, errors=log
+        )
+    except RunFailed as err:
+        raise RunFailed(f"local-only baseline: {err}") from err.__cause__
 
 
 def _execute(
@@ -291,7 +322,7 @@ def _execute(
             if cfg.baseline and cfg.strategy.name != "local":
                 _say(quiet, "local-only baseline (same students, same budget, no federation)...")
                 b0 = time.time()
-                baseline = _run_baseline(cfg, data, data_path, out, stop)
+                _run_baseline(cfg, data, data_path, out, stop, baseline)
     except (KeyboardInterrupt, Interrupted):
         interrupted = True
     except RunFailed as err:  # the server hook's traceback, if one raised (else: no code failed)
@@ -299,13 +330,13 @@ def _execute(
         cause = err.__cause__
         out.log_error("run", error, "".join(traceback.format_exception(cause)) if cause else None)
     except Exception as err:
-        error = traceback.format_exception_only(type(err), err)[-1].strip()
+        error = one_line(err)
         out.log_error("run", error, "".join(traceback.format_exception(err)))
     records = federation.records
     timing = _timing(records, box, t0, b0)
     summary = summarize(
         cfg, records, baseline, _profiles(cfg, data), timing,
-        outcome_of(records, error, interrupted, federation.stopped),
+        outcome_of(cfg, records, baseline, error, interrupted, federation.stopped),
         test_size=len(data.test_y), uses_teacher=federation.strategy.uses_teacher,
         aggregations=federation.server.aggregations, resumed_from=resumed_from,
     )  # fmt: skip

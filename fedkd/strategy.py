@@ -594,6 +594,9 @@ class ServerStrategy(ABC):
     accepts: ClassVar[tuple[type[Payload], ...]] = (Payload,)
     clients_use_public: ClassVar[bool] = True
     own_privacy: ClassVar[bool] = False  # the strategy is itself a DP mechanism (PATE)
+    # the strategy combines logits / soft labels with ServerNode.combine, so a robust
+    # server.aggregator applies to it (other aggregators than "mean" are refused otherwise)
+    uses_aggregator: ClassVar[bool] = False
 
     def __init__(self, params: Any = None) -> None:
         self.params = self.Params() if params is None else params

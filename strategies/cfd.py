@@ -75,6 +75,7 @@ class CFDServer(ServerStrategy):
     Params = CFDParams
     client_strategy = CFDClient
     accepts = (QuantizedSoftLabels,)
+    uses_aggregator = True
 
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
         quantized = QuantizedSoftLabels

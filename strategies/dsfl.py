@@ -74,6 +74,7 @@ class DSFLServer(ServerStrategy):
     Params = DSFLParams
     client_strategy = DSFLClient
     accepts = (SoftLabels,)
+    uses_aggregator = True
 
     def aggregates_by_mean(self) -> bool:
         return True  # ERA post-processes the mean

@@ -52,6 +52,7 @@ class FedDFServer(ServerStrategy):
     uses_teacher = False
     clients_use_public = False
     accepts = (Weights,)
+    uses_aggregator = True  # for the logit ensemble (AVGLOGITS); weights are averaged plainly
 
     def _prototype(self, server: ServerNode, cid: int):
         arch = str(server.student_spec(cid))

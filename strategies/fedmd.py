@@ -82,6 +82,7 @@ class FedMDServer(ServerStrategy):
     client_strategy = FedMDClient
     uses_teacher = False
     accepts = (Logits,)
+    uses_aggregator = True
 
     def aggregates_by_mean(self) -> bool:
         return True

@@ -65,6 +65,7 @@ class KDServer(ServerStrategy):
     Params = KDParams
     client_strategy = KDClient
     accepts = (Logits,)
+    uses_aggregator = True
 
     def aggregates_by_mean(self) -> bool:
         return not self.params.weighted

@@ -145,7 +145,9 @@ def test_round_faults_round_trip_through_json():
 
 def test_byzantine_count_from_a_fraction_and_from_a_count():
     assert len(byzantine_clients(cfg(clients=10, byzantine=0.3))) == 3
-    assert len(byzantine_clients(cfg(clients=10, byzantine=0.25))) == 2  # round(2.5) = 2
+    assert len(byzantine_clients(cfg(clients=10, byzantine=0.25))) == 3  # 2.5 rounds up
+    assert len(byzantine_clients(cfg(clients=10, byzantine=0.05))) == 1  # never silently none
+    assert len(byzantine_clients(cfg(clients=10, byzantine=0.35))) == 4  # 3.5 rounds up
     assert len(byzantine_clients(cfg(clients=10, byzantine=4))) == 4
     assert len(byzantine_clients(cfg(clients=10, byzantine=10))) == 10
     assert byzantine_clients(cfg(clients=10)) == ()

@@ -269,3 +269,30 @@ def test_bad_input_exits_2_before_ray_starts(tmp_path, override, field):
     assert len(done.stderr.strip().splitlines()) == 1  # one paragraph, no traceback
     assert time.monotonic() - started < 30  # well under 10 s unloaded; CI machines are shared
     assert not any(tmp_path.iterdir())  # nothing was started, no run folder
+
+
+def test_min_success_at_exactly_the_threshold_is_not_a_failure():
+    from fedkd.contracts import min_usable
+
+    assert min_usable(0.55, 100) == 55 and min_usable(0.07, 100) == 7
+    assert min_usable(0.5, 4) == 2 and min_usable(0.5, 5) == 3 and min_usable(1.0, 3) == 3
+
+
+def test_a_robust_aggregator_is_refused_where_the_strategy_does_not_use_it(small_config):
+    from fedkd.config import ConfigError
+    from fedkd.simulation import check_config
+
+    cfg = _with(small_config, "strategy={name='fedavg'}", 'clients.models=["mlp"]')
+    check_config(cfg)
+    with pytest.raises(ConfigError, match="does not combine logits") as err:
+        check_config(_with(cfg, "server.aggregator=median"))
+    assert err.value.field == "server.aggregator"
+    check_config(_with(small_config, "server.aggregator=median"))  # kd uses it
+
+
+def test_one_line_errors_survive_notes_and_multi_line_messages():
+    from fedkd.rounds import Failure
+
+    err = ValueError("first line\nsecond line")
+    err.add_note("a note")
+    assert Failure.from_exception(3, err).error == "ValueError: first line"

@@ -68,7 +68,24 @@ def _check_schema(data: Mapping[str, Any], what: str) -> None:
 
 
 def _finite_or_none(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+    """JSON has no NaN or infinity: they are written as null (and read back as NaN)."""
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def _num(x: float | None) -> float:
+    """A number read back from JSON: null (a non-finite value when written) -> NaN."""
+    return math.nan if x is None else float(x)
+
+
+def _nums(d: Mapping[str, Any]) -> dict[str, float]:
+    return {k: _num(v) for k, v in d.items()}
+
+
+def _client_from_json(cid: str, data: Mapping[str, Any]) -> ClientRecord:
+    d = dict(data)
+    d.update(cid=int(cid), accuracy=_num(d["accuracy"]), loss=_num(d["loss"]))
+    d["metrics"] = _nums(d.get("metrics", {}))
+    return ClientRecord(**d)
 
 
 @dataclass(frozen=True)
@@ -246,11 +263,9 @@ class RoundRecord:
             round=int(data["round"]),
             seconds=float(data["seconds"]),
             sampled=tuple(data["sampled"]),
-            clients={
-                int(k): ClientRecord(**{**v, "cid": int(k)}) for k, v in data["clients"].items()
-            },
+            clients={int(k): _client_from_json(k, v) for k, v in data["clients"].items()},
             failures=tuple(FailureRecord(**f) for f in data["failures"]),
-            server=data["server"],
+            server=None if data["server"] is None else _nums(data["server"]),
             bytes_up=int(data["bytes_up"]),
             bytes_down=int(data["bytes_down"]),
             privacy=PrivacyRecord.from_json(data.get("privacy")),

@@ -76,10 +76,6 @@ class RunDirectory:
     def clients_dir(self) -> Path:
         return self.path / "clients"
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.path / "checkpoint"
-
     def append_round(self, name: str, record: RoundRecord) -> None:
         """Append one round to ``name`` (``metrics.jsonl`` or ``baseline.jsonl``) and flush."""
         with open(self.path / name, "a") as f:

@@ -102,7 +102,12 @@ def _faults(config: Config, records: Sequence[RoundRecord]) -> dict[str, Any] | 
 
 
 def outcome_of(
-    records: Sequence[RoundRecord], error: str | None, interrupted: bool, stopped: str | None
+    config: Config,
+    records: Sequence[RoundRecord],
+    baseline: Sequence[RoundRecord],
+    error: str | None,
+    interrupted: bool,
+    stopped: str | None,
 ) -> tuple[Outcome, str]:
     """The run's outcome and status line (see :class:`fedkd.results.records.Outcome`)."""
     if interrupted:
@@ -112,9 +117,18 @@ def outcome_of(
         return Outcome.FAILED, f"failed: {error}"
     if stopped is not None:
         return Outcome.STOPPED_EARLY, f"stopped early: {stopped}"
+    if len(records) < config.rounds:  # e.g. a server hook called sys.exit: never "completed"
+        why = f"the federation ended after {len(records)} of {config.rounds} rounds, no reason"
+        return Outcome.FAILED, f"failed: {why}"
+    parts = []
     failures = Failures.of(records)
     if failures.count:
-        return Outcome.COMPLETED_WITH_FAILURES, f"completed with failures: {failures.describe()}"
+        parts.append(failures.describe())
+    local = Failures.of(baseline)
+    if local.count:
+        parts.append(f"local-only baseline: {local.describe()}")
+    if parts:
+        return Outcome.COMPLETED_WITH_FAILURES, "completed with failures: " + " ".join(parts)
     return Outcome.COMPLETED, "completed"
 
 
@@ -133,9 +147,12 @@ def summarize(
 ) -> RunSummary:
     """The end-of-run summary (written to summary.json and printed as a table)."""
     from fedkd.client import student_spec
+    from fedkd.faults import byzantine_clients
 
     model_of = {cid: str(student_spec(config, cid)) for cid in range(config.clients.count)}
     fed, local = final_accuracies(records), final_accuracies(baseline)
+    for cid in byzantine_clients(config):  # the baseline runs them honestly: compare like for like
+        local.pop(cid, None)
     server_acc = next(
         (r.server_accuracy for r in reversed(records) if r.server_accuracy is not None), None
     )
