@@ -73,10 +73,28 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from fedkd.aggregators import AGGREGATORS
+    from fedkd.config import Spec
     from fedkd.data import DATASETS, PARTITIONERS
     from fedkd.losses import KD_LOSSES
-    from fedkd.models import MODELS
+    from fedkd.models import MODELS, build_model
     from fedkd.strategy import CLIENT_STRATEGIES, SERVER_STRATEGIES
+
+    try:
+        shape = tuple(int(d) for d in args.input.lower().split("x"))
+        if not shape or min(shape) < 1 or args.classes < 1:
+            raise ValueError
+    except ValueError:
+        print(
+            f"fedkd list: --input must look like 40 or 3x32x32, got {args.input!r}", file=sys.stderr
+        )
+        return 2
+
+    def params(name: str) -> str:
+        try:
+            model = build_model(Spec(name), shape, args.classes, seed=0)
+        except (ValueError, TypeError, RuntimeError):  # the model cannot take this shape
+            return f"{name} (n/a)"
+        return f"{name} ({sum(p.numel() for p in model.parameters()):,})"
 
     for label, reg in (
         ("strategies", SERVER_STRATEGIES),
@@ -87,7 +105,13 @@ def _list(args: argparse.Namespace) -> int:
         ("kd losses", KD_LOSSES),
         ("aggregators", AGGREGATORS),
     ):
-        print(f"{label:18} {', '.join(reg.names())}")
+        if reg is MODELS:
+            sizes = ", ".join(params(name) for name in MODELS.names())
+            print(
+                f"{label:18} {sizes}  [parameters for input {args.input}, {args.classes} classes]"
+            )
+        else:
+            print(f"{label:18} {', '.join(reg.names())}")
     return 0
 
 
@@ -114,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     if args_list[:1] == ["bench"]:  # the benchmark parses its own options
         return _bench(argparse.Namespace(items=args_list[1:]))
-    sub.add_parser("list", help="list registered plug-ins").set_defaults(fn=_list)
+    lst = sub.add_parser("list", help="list registered plug-ins")
+    lst.add_argument("--input", default="40", help="input shape for model sizes, e.g. 3x32x32")
+    lst.add_argument("--classes", type=int, default=10, help="classes for model sizes")
+    lst.set_defaults(fn=_list)
     args, rest = parser.parse_known_args(args_list)  # `run cfg.toml -q k=v`: items after -q
     unknown = [r for r in rest if r.startswith("-") or not hasattr(args, "items")]
     if unknown:

@@ -17,7 +17,7 @@ from fedkd.config import Spec
 from fedkd.registry import Registry, bind_params
 
 ModelFn = Callable[..., nn.Module]
-MODELS: Registry[ModelFn] = Registry("model", check=callable)
+MODELS: Registry[ModelFn] = Registry("model", check=callable, autoload="fedkd.zoo")
 
 
 @MODELS.register("logreg")
