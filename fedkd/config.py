@@ -75,19 +75,173 @@ def _positive(path: str, value: float, *, strict: bool = True) -> None:
         raise ConfigError(path, f"must be {bound}, got {value!r}")
 
 
+#: datasets read from their official files (fedkd.data.readers); ``data.test = 0`` means
+#: the whole official test split for these
+OFFICIAL_DATASETS = ("mnist", "fashion_mnist", "emnist", "cifar10", "cifar100", "svhn", "stl10")
+
+_PUBLIC_KEYS = ("dataset", "split", "size", "labelled")
+
+
+class PublicSet(int):
+    """``data.public``: the public proxy set, an int that is its size.
+
+    Written as an int (``data.public = 1000``), it is a slice of the private dataset's
+    pool (of its official training split, for an official dataset), disjoint from the
+    private rows. Written as a table (``{ dataset = "cifar100", split = "train",
+    size = 5000, labelled = false }``, other keys being the dataset's reader options,
+    e.g. ``labels = "coarse"``), it is read from that official split: ``dataset`` is
+    set, and its labels are kept only if ``labelled`` (and the label space is the
+    private one). Being an int, code that only needs the size uses it as one.
+    """
+
+    dataset: Spec | None
+    split: str
+    labelled: bool
+
+    def __new__(
+        cls, size: int, dataset: Spec | None = None, split: str = "train", labelled: bool = False
+    ) -> PublicSet:
+        self = super().__new__(cls, size)
+        object.__setattr__(self, "dataset", dataset)
+        object.__setattr__(self, "split", split)
+        object.__setattr__(self, "labelled", labelled)
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"PublicSet is immutable (cannot set {name})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PublicSet, (int(self), self.dataset, self.split, self.labelled))
+
+    @property
+    def size(self) -> int:
+        return int(self)
+
+    @property
+    def is_proxy(self) -> bool:
+        """True for a proxy set of its own (the table form), False for a private slice."""
+        return self.dataset is not None
+
+    def _key(self) -> tuple[Any, ...]:
+        spec = None if self.dataset is None else json_key(self.dataset.to_dict())
+        return (int(self), spec, self.split, self.labelled)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PublicSet):
+            return self._key() == other._key()
+        return self.dataset is None and int.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(self._key()) if self.is_proxy else int.__hash__(self)
+
+    def __repr__(self) -> str:
+        if not self.is_proxy:
+            return int.__repr__(self)
+        return f"PublicSet({self.to_plain()!r})"
+
+    def __str__(self) -> str:
+        if not self.is_proxy:
+            return int.__repr__(self)
+        assert self.dataset is not None
+        return f"{int(self)} ({self.dataset} {self.split})"
+
+    def to_plain(self) -> int | dict[str, Any]:
+        """The config value: an int, or the table."""
+        if self.dataset is None:
+            return int(self)
+        return {
+            "dataset": self.dataset.name,
+            "split": self.split,
+            "size": int(self),
+            "labelled": self.labelled,
+            **self.dataset.params,
+        }
+
+    @classmethod
+    def parse(cls, value: Any, path: str = "public") -> PublicSet:
+        """An int (a slice of the private pool) or a proxy table, checked; errors name ``path``."""
+        if isinstance(value, PublicSet):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            _positive(path, value, strict=False)
+            return cls(value)
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f"expected a size or a proxy-set table, got {value!r}")
+        size = value.get("size", 1000)
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise ConfigError(f"{path}.size", f"expected int, got {size!r}")
+        if "dataset" not in value:
+            extra = sorted(set(value) - {"size"})
+            if extra:
+                raise ConfigError(
+                    f"{path}.dataset",
+                    f"a proxy-set table needs a dataset (it has {', '.join(extra)}); "
+                    f"valid keys: {', '.join(_PUBLIC_KEYS)} and the dataset's options",
+                )
+            return cls.parse(size, path)
+        dataset = Spec.parse(value["dataset"], f"{path}.dataset")
+        if dataset.name not in OFFICIAL_DATASETS:
+            raise ConfigError(
+                f"{path}.dataset",
+                f"a proxy set is read from official files: one of "
+                f"{', '.join(OFFICIAL_DATASETS)}; got {dataset.name!r}",
+            )
+        options = {k: v for k, v in value.items() if k not in _PUBLIC_KEYS}
+        dataset = Spec(dataset.name, {**dataset.params, **options})
+        split, labelled = value.get("split", "train"), value.get("labelled", False)
+        if not isinstance(split, str):
+            raise ConfigError(f"{path}.split", f"expected a split name, got {split!r}")
+        if not isinstance(labelled, bool):
+            raise ConfigError(f"{path}.labelled", f"expected true or false, got {labelled!r}")
+        if size < 1:
+            raise ConfigError(f"{path}.size", f"must be >= 1, got {size}")
+        return cls(size, dataset, split, labelled)
+
+
+def json_key(value: Any) -> str:
+    """A canonical JSON text of plain data (for comparing and hashing specs)."""
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data comes from and how many samples go to each disjoint split."""
+    """Where the data comes from and how many samples go to each disjoint split.
+
+    An official dataset (:data:`OFFICIAL_DATASETS`) is read from ``root`` in
+    torchvision's layout: private and public rows come from its training split, the
+    test set from its test split (all of it when ``test`` is 0 or at least its size).
+    """
 
     dataset: Spec = field(default_factory=lambda: Spec("mnist1d"))
     private: int = 3000  # private training samples, partitioned over the clients
-    public: int = 1000  # public proxy set: inputs shared by identity, never shipped
+    # public proxy set: inputs shared by identity, never shipped; a size or a table
+    public: PublicSet = PublicSet(1000)
     test: int = 1000  # held-out global test set: every model is evaluated on it
+    root: str = "data"  # folder holding official datasets' files (torchvision's layout)
+    download: bool = False  # fetch missing official files (not implemented yet)
 
     def __post_init__(self) -> None:
         _positive("private", self.private)
-        _positive("public", self.public, strict=False)
-        _positive("test", self.test)
+        object.__setattr__(self, "public", PublicSet.parse(self.public, "public"))
+        if self.test == 0 and not self.official:
+            raise ConfigError(
+                "test",
+                "must be > 0, got 0 (0, the whole official test split, is for official "
+                f"datasets only: {', '.join(OFFICIAL_DATASETS)})",
+            )
+        _positive("test", self.test, strict=False)
+        if not isinstance(self.root, str) or not self.root:
+            raise ConfigError("root", f"must be a folder path, got {self.root!r}")
+
+    @property
+    def official(self) -> bool:
+        """True if the dataset is read from official files (it has official splits)."""
+        return self.dataset.name in OFFICIAL_DATASETS
 
 
 @dataclass(frozen=True)
@@ -314,6 +468,8 @@ def parse_id_range(key: str, count: int, path: str) -> range:
 
 
 def _to_plain(value: Any) -> Any:
+    if isinstance(value, PublicSet):
+        return value.to_plain()
     if isinstance(value, Spec):
         return {k: _to_plain(v) for k, v in value.to_dict().items()}
     if dataclasses.is_dataclass(value):
@@ -341,6 +497,8 @@ def _coerce(value: Any, hint: Any, path: str, default: Any = None) -> Any:
         return _coerce(value, inner, path, default)
     if hint is Spec:
         return Spec.parse(value, path)
+    if hint is PublicSet:
+        return PublicSet.parse(value, path)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, path)
     if origin is list:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedkd.config import ConfigError
+from fedkd.config import Config, ConfigError
 from fedkd.payloads import Logits, Payload
 from fedkd.strategy import (
     CLIENT_STRATEGIES,
@@ -83,6 +83,19 @@ class FedMDServer(ServerStrategy):
     uses_teacher = False
     accepts = (Logits,)
     uses_aggregator = True
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """FedMD's transfer phase trains on the public labels: refuse an unlabelled proxy set."""
+        public = config.data.public
+        if getattr(public, "is_proxy", False) and not public.labelled:
+            raise ConfigError(
+                "data.public.labelled",
+                f"fedmd needs a labelled public set, but the proxy set {public.dataset} is "
+                "unlabelled (public_y is -1); set data.public.labelled = true with a proxy of "
+                "the private dataset, use an int data.public (a labelled slice of the private "
+                "data) or another strategy",
+            )
 
     def aggregates_by_mean(self) -> bool:
         return True

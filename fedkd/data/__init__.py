@@ -1,6 +1,6 @@
 """Datasets, partitioners and the federation's splits."""
 
-from fedkd.data.datasets import DATASETS, Pool
+from fedkd.data.datasets import DATASETS, OfficialDataset, Pool
 from fedkd.data.federation import (
     ClientData,
     FederatedData,
@@ -15,6 +15,7 @@ __all__ = [
     "PARTITIONERS",
     "ClientData",
     "FederatedData",
+    "OfficialDataset",
     "Pool",
     "build_federated_data",
     "load_federated_data",

@@ -233,3 +233,62 @@ def _image_array(image: Any) -> np.ndarray:
     if arr.ndim == 2:  # grayscale: add a channel axis
         return arr[None]
     return np.moveaxis(arr, -1, 0)  # HWC -> CHW
+
+
+#: official datasets' input shapes, (channels, height, width), known without reading files
+OFFICIAL_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "emnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
+    "svhn": (3, 32, 32),
+    "stl10": (3, 96, 96),
+}
+
+#: where to get each official dataset's files (fedkd does not download them yet)
+OFFICIAL_SOURCES: dict[str, str] = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (torchvision's mirror)",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "emnist": "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip (unzip into EMNIST/raw)",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (untar under the root)",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (untar under the root)",
+    "svhn": "http://ufldl.stanford.edu/housenumbers/ (the *_32x32.mat files)",
+    "stl10": "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz (untar under the root)",
+}
+
+
+class OfficialDataset:
+    """A dataset read from its official files (see :mod:`fedkd.data.readers`).
+
+    fedkd builds a federation from its official splits (private and public rows from
+    ``train``, the test set from ``test``; see :mod:`fedkd.data.federation`). Called
+    as a plain dataset function, it returns a seeded sample of one split.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.input_shape = OFFICIAL_SHAPES[name]
+        self.__doc__ = f"{name}: read from its official files under data.root (official splits)"
+
+    def __repr__(self) -> str:
+        return f"OfficialDataset({self.name!r})"
+
+    def __call__(
+        self, num_samples: int, seed: int, root: str = "data", split: str = "train", **options: Any
+    ) -> Pool:
+        from fedkd.data.readers import read_split
+
+        data = read_split(self.name, root, split, **options)
+        if data.y is None:
+            raise ConfigError("data.dataset", f"{self.name} {split} split has no labels")
+        if num_samples > len(data.y):
+            raise ConfigError(
+                "data", f"{num_samples} samples requested, {self.name} {split} has {len(data.y)}"
+            )
+        rows = np.sort(np.random.default_rng(seed).permutation(len(data.y))[:num_samples])
+        return Pool(data.x[rows], data.y[rows], data.num_classes)
+
+
+for _name in OFFICIAL_SHAPES:
+    DATASETS.register(_name)(OfficialDataset(_name))

@@ -1,9 +1,19 @@
 """The federation's data: disjoint private / public / test splits and client partitions.
 
 Built once from the config (dataset, sizes, partitioner, seed) and cached on disk
-under a key hashed from exactly those fields. Clients and server load the same
+under a key hashed from exactly those fields (for official datasets, also the data
+root and the size and modification time of every file read). Clients and server load the same
 cached arrays by path, so the public proxy set is *identified* (by its spec) and
 only indices and logits ever travel in messages.
+
+Generated datasets (mnist1d, digits, synthetic, hf) are one pool, split seeded into
+private / public / test. Official datasets (``data.dataset = "cifar10"`` etc., read by
+:mod:`fedkd.data.readers` from ``data.root``) keep their official splits: the test
+set is (a seeded subset of) the test split, private and public rows are disjoint
+seeded draws from the training split, so no test sample ever reaches a client.
+``data.public`` may instead be a proxy set of its own, read from an official split
+(see :class:`fedkd.config.PublicSet`); its labels are kept only when it is labelled
+and shares the private label space, else ``public_y`` is all -1.
 """
 
 from __future__ import annotations
@@ -20,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from fedkd.config import Config, ConfigError, check_plugin_params
-from fedkd.data.datasets import DATASETS
+from fedkd.config import Config, ConfigError, DataConfig, check_plugin_params
+from fedkd.data.datasets import DATASETS, OFFICIAL_SHAPES, OFFICIAL_SOURCES, OfficialDataset
 from fedkd.data.partition import PARTITIONERS
+from fedkd.data.readers import READERS, Split, expected_files, read_split
 from fedkd.registry import bind_params
 from fedkd.seeding import derive_seed
 
@@ -116,37 +127,190 @@ def cache_dir() -> Path:
 
 
 def data_key(config: Config) -> str:
-    """Hash of exactly the config fields that determine the data."""
-    spec = {
-        "data": config.data.dataset.to_dict(),
-        "sizes": [config.data.private, config.data.public, config.data.test],
+    """Hash of exactly the config fields that determine the data.
+
+    Where official files are read, also the resolved root and each file's path, size
+    and modification time (so replaced files make a new key). Generated datasets with
+    an int ``data.public`` keep the key they always had.
+    """
+    d = config.data
+    spec: dict[str, Any] = {
+        "data": d.dataset.to_dict(),
+        "sizes": [d.private, int(d.public), d.test],
         "partition": config.partition.to_dict(),
         "clients": config.clients.count,
         "seed": config.seed,
         "version": 1,
     }
+    reads = official_reads(d)
+    if d.public.is_proxy:
+        spec["public"] = d.public.to_plain()
+    if reads:
+        root = Path(d.root).expanduser().resolve()
+        spec["root"] = str(root)
+        spec["files"] = {str(rel): _stat(root, rel) for _, split, rel in reads}
+        spec["version"] = 2
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 DATASET_RUNTIME = ("num_samples", "seed")
 PARTITION_RUNTIME = ("labels", "num_clients", "seed")
+OFFICIAL_RUNTIME = ("num_samples", "seed", "root", "split")
+
+
+def official_reads(d: DataConfig) -> list[tuple[str, str, Path]]:
+    """(dataset, split, file relative to ``data.root``) of every official file the data needs."""
+    needs: list[tuple[str, str, dict[str, Any]]] = []
+    if d.official:
+        needs += [(d.dataset.name, s, d.dataset.params) for s in ("train", "test")]
+    if d.public.dataset is not None:
+        needs.append((d.public.dataset.name, d.public.split, d.public.dataset.params))
+    out: list[tuple[str, str, Path]] = []
+    for name, split, options in needs:
+        out += [(name, split, rel) for rel in expected_files(name, split, **options)]
+    return list(dict.fromkeys(out))
+
+
+def _stat(root: Path, rel: Path) -> list[Any]:
+    """[name, size, mtime_ns] of ``root / rel`` or of its gzipped twin."""
+    for path in (root / rel, root / rel.with_name(rel.name + ".gz")):
+        if path.is_file():
+            st = path.stat()
+            return [path.name, st.st_size, st.st_mtime_ns]
+    return [None]
+
+
+def _present(root: Path, rel: Path, gzip_ok: bool) -> bool:
+    path = root / rel
+    return path.is_file() or (gzip_ok and path.with_name(path.name + ".gz").is_file())
+
+
+def _require_files(d: DataConfig, name: str, split: str, options: dict[str, Any]) -> None:
+    """Raise the readers' ConfigError on ``data.root`` if a file of the split is missing.
+
+    Only checks that the files exist (cheap); nothing is read. With ``data.download``
+    the error says that downloading is not implemented yet and where the files are.
+    """
+    root = Path(d.root).expanduser()
+    rels = expected_files(name, split, **options)
+    if all(_present(root, rel, READERS[name].gzip_ok) for rel in rels):
+        return
+    try:
+        read_split(name, root, split, **options)  # raises before reading: a file is missing
+    except ConfigError as err:
+        source = OFFICIAL_SOURCES[name]
+        if d.download:
+            raise ConfigError(
+                err.field,
+                f"{err.reason.split(' Set data.download')[0]} data.download = true, but "
+                f"downloading is not implemented yet: get the files from {source} and "
+                f"put them under {root} (or download them with torchvision.datasets once).",
+            ) from None
+        hint = f"fedkd cannot download them yet: get them from {source}, or"
+        reason = err.reason.replace("Set data.download = true to fetch them, or", hint)
+        raise ConfigError(err.field, reason) from None
+
+
+def _public_options_error(err: ConfigError) -> ConfigError:
+    """A reader's option error on ``data.dataset...`` re-addressed to ``data.public...``."""
+    if err.field.startswith("data.dataset"):
+        return ConfigError("data.public" + err.field[len("data.dataset") :], err.reason)
+    return err
+
+
+def _same_labels(d: DataConfig) -> bool:
+    """The proxy set shares the private label space: same dataset, same label options."""
+    p = d.public.dataset
+    assert p is not None
+    strip = lambda o: {k: v for k, v in o.items() if k != "upright"}  # noqa: E731
+    return p.name == d.dataset.name and strip(p.params) == strip(d.dataset.params)
+
+
+def _same_files(d: DataConfig) -> bool:
+    """The proxy set is read from the files of the private training split."""
+    p = d.public.dataset
+    if p is None or not d.official or d.public.split != "train":
+        return False
+    mine = expected_files(d.dataset.name, "train", **d.dataset.params)
+    return p.name == d.dataset.name and expected_files(p.name, "train", **p.params) == mine
+
+
+def _check_official(config: Config) -> None:
+    """Options and files of an official dataset (files exist; none is read)."""
+    d = config.data
+    for key in OFFICIAL_RUNTIME:
+        if key in d.dataset.params:
+            what = "data.root" if key == "root" else "its official splits"
+            raise ConfigError(
+                f"data.dataset.{key}", f"is set by fedkd for official datasets (from {what})"
+            )
+    expected_files(d.dataset.name, "train", **d.dataset.params)  # option errors name the field
+    for split in ("train", "test"):
+        _require_files(d, d.dataset.name, split, d.dataset.params)
+
+
+def _check_proxy(config: Config) -> None:
+    """The table form of ``data.public``: reader options, split, labels, shape and files."""
+    d = config.data
+    p = d.public.dataset
+    assert p is not None
+    for key in OFFICIAL_RUNTIME:
+        if key in p.params:
+            raise ConfigError(f"data.public.{key}", "is set by fedkd (use data.root, split)")
+    try:
+        expected_files(p.name, d.public.split, **p.params)
+    except ConfigError as err:
+        raise _public_options_error(err) from None
+    if p.name == d.dataset.name and d.public.split == "test":
+        raise ConfigError(
+            "data.public.split",
+            f"{p.name}'s test split is the test set; a proxy set of the private dataset must "
+            "come from another split (e.g. train, disjoint from the private rows)",
+        )
+    if d.public.labelled:
+        if d.public.split == "unlabeled":
+            raise ConfigError("data.public.labelled", f"{p.name} {d.public.split} has no labels")
+        if not _same_labels(d):
+            raise ConfigError(
+                "data.public.labelled",
+                f"labels of {p} are not in the private label space of {d.dataset}; "
+                "set data.public.labelled = false (public_y is then -1)",
+            )
+    if d.official and OFFICIAL_SHAPES[p.name] != OFFICIAL_SHAPES[d.dataset.name]:
+        _shape_error(d, OFFICIAL_SHAPES[p.name], OFFICIAL_SHAPES[d.dataset.name])
+    _require_files(d, p.name, d.public.split, p.params)
+
+
+def _shape_error(d: DataConfig, public: tuple[int, ...], private: tuple[int, ...]) -> None:
+    assert d.public.dataset is not None
+    raise ConfigError(
+        "data.public.dataset",
+        f"{d.public.dataset.name} inputs have shape {public} but the private data's "
+        f"({d.dataset.name}) have shape {private}; the proxy set must match the private inputs",
+    )
 
 
 def check_data_config(config: Config) -> None:
     """Check the data plug-ins and sizes, cheaply, before anything is generated.
 
+    For an official dataset or a proxy set, also that every file exists (none is read).
     Names and types of plug-in parameters, the dataset's ``max_samples`` and both
     plug-ins' ``precheck`` hooks (see :mod:`fedkd.data.datasets`, :mod:`fedkd.data.partition`).
     """
     d = config.data
     dataset = DATASETS.get(d.dataset.name)
-    check_plugin_params(dataset, d.dataset.params, "data.dataset", DATASET_RUNTIME)
-    bind_params(dataset, d.dataset.params, "data.dataset", DATASET_RUNTIME)
-    full = {**_defaults(dataset, DATASET_RUNTIME), **d.dataset.params}
-    _check_dataset_size(config, dataset, full)
-    precheck = getattr(dataset, "precheck", None)
-    if callable(precheck):
-        precheck(**full)
+    if isinstance(dataset, OfficialDataset):
+        _check_official(config)
+    else:
+        check_plugin_params(dataset, d.dataset.params, "data.dataset", DATASET_RUNTIME)
+        bind_params(dataset, d.dataset.params, "data.dataset", DATASET_RUNTIME)
+        full = {**_defaults(dataset, DATASET_RUNTIME), **d.dataset.params}
+        _check_dataset_size(config, dataset, full)
+        precheck = getattr(dataset, "precheck", None)
+        if callable(precheck):
+            precheck(**full)
+    if d.public.is_proxy:
+        _check_proxy(config)
     partitioner = PARTITIONERS.get(config.partition.name)
     params = config.partition.params
     check_plugin_params(partitioner, params, "partition", PARTITION_RUNTIME)
@@ -178,7 +342,7 @@ def _check_dataset_size(config: Config, dataset: Any, params: dict[str, Any]) ->
     limit = getattr(dataset, "max_samples", None)
     if callable(limit):
         limit = limit(**params)
-    total = d.private + d.public + d.test
+    total = d.private + _pool_public(d) + d.test
     if limit is None or total <= limit:
         return
     raise ConfigError(
@@ -192,19 +356,27 @@ def _check_dataset_size(config: Config, dataset: Any, params: dict[str, Any]) ->
 def _fitting_sizes(config: Config, limit: int) -> str:
     """Sizes within ``limit``: public and test shrink to round numbers, private takes the rest."""
     d = config.data
-    public, test = d.public, d.test
+    public, test = _pool_public(d), d.test
     if public + test > limit // 2:  # scale by limit / total, rounded down to a round number
-        total = d.private + d.public + d.test
+        total = d.private + public + d.test
         step = 100 if limit >= 1000 else 10 if limit >= 100 else 1
         public, test = (max(v * limit // total // step * step, min(v, 1)) for v in (public, test))
     return f"data.private={limit - public - test} data.public={public} data.test={test}"
 
 
+def _pool_public(d: DataConfig) -> int:
+    """Public samples taken from the private dataset's pool: 0 for a proxy set of its own."""
+    return 0 if d.public.is_proxy else int(d.public)
+
+
 def build_federated_data(config: Config) -> FederatedData:
-    """Generate the pool, split it disjointly (seeded) and partition the private split."""
+    """Build the splits (see the module doc) and partition the private split."""
     check_data_config(config)
+    if config.data.official:
+        return _build_official(config)
     d = config.data
-    total = d.private + d.public + d.test
+    public = _pool_public(d)
+    total = d.private + public + d.test
     make = DATASETS.get(d.dataset.name)
     pool = make(total, derive_seed(config.seed, "dataset"), **d.dataset.params)
     if len(pool.y) < total:
@@ -214,10 +386,118 @@ def build_federated_data(config: Config) -> FederatedData:
             f"has {len(pool.y)} samples; e.g. {_fitting_sizes(config, len(pool.y))}",
         )
     order = np.random.default_rng(derive_seed(config.seed, "split")).permutation(len(pool.y))
-    priv, pub, test = np.split(order[:total], [d.private, d.private + d.public])
+    priv, pub, test = np.split(order[:total], [d.private, d.private + public])
+    public_x, public_y = pool.x[pub], pool.y[pub]
+    if d.public.is_proxy:
+        public_x, public_y = _read_proxy(config, pool.input_shape)
+    return _federate(
+        config,
+        pool.x[priv],
+        pool.y[priv],
+        public_x,
+        public_y,
+        pool.x[test],
+        pool.y[test],
+        pool.num_classes,
+    )
+
+
+def _build_official(config: Config) -> FederatedData:
+    """Official splits: test from ``test``, private and public disjoint draws from ``train``."""
+    d = config.data
+    name, options = d.dataset.name, d.dataset.params
+    train = read_split(name, d.root, "train", **options)
+    test = read_split(name, d.root, "test", **options)
+    assert train.y is not None and test.y is not None
+    same = _same_files(d)
+    public = d.public.size if same or not d.public.is_proxy else 0
+    need = d.private + public
+    if need > len(train.y):
+        what = "a proxy set from the same split" if same else "data.public"
+        raise ConfigError(
+            "data",
+            f"data.private + {what} = {d.private} + {public} = {need}, but the {name} train "
+            f"split in {train.source} has {len(train.y)} samples (the test set comes from "
+            f"the test split); e.g. data.private={max(len(train.y) - public, 1)}",
+        )
+    order = np.random.default_rng(derive_seed(config.seed, "split")).permutation(len(train.y))
+    priv, pub = order[: d.private], order[d.private : need]
+    if d.test == 0 or d.test >= len(test.y):
+        test_rows = np.arange(len(test.y))
+    else:
+        rng = np.random.default_rng(derive_seed(config.seed, "test"))
+        test_rows = np.sort(rng.choice(len(test.y), size=d.test, replace=False))
+    public_x, public_y = train.x[pub], train.y[pub]
+    if d.public.is_proxy:
+        public_x, public_y = _read_proxy(
+            config, train.x.shape[1:], train if same else None, pub if same else None
+        )
+    return _federate(
+        config,
+        train.x[priv],
+        train.y[priv],
+        public_x,
+        public_y,
+        test.x[test_rows],
+        test.y[test_rows],
+        train.num_classes,
+    )
+
+
+def _read_proxy(
+    config: Config,
+    private_shape: tuple[int, ...],
+    train: Split | None = None,
+    rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The proxy set's inputs and labels (-1 unless labelled in the private label space).
+
+    ``train`` and ``rows`` are given when the proxy set shares the private training
+    split's files: ``rows`` are then its rows there, disjoint from the private ones.
+    """
+    d = config.data
+    p = d.public.dataset
+    assert p is not None
+    if train is not None and rows is not None and _same_labels(d):
+        x, y = train.x[rows], train.y
+        y = None if y is None else y[rows]
+    else:
+        try:
+            split = read_split(p.name, d.root, d.public.split, **p.params)
+        except ConfigError as err:
+            raise _public_options_error(err) from None
+        if rows is None:
+            if d.public.size > len(split.x):
+                raise ConfigError(
+                    "data.public.size",
+                    f"{d.public.size} samples, but {p.name} {d.public.split} in {split.source} "
+                    f"has {len(split.x)}",
+                )
+            rng = np.random.default_rng(derive_seed(config.seed, "public"))
+            rows = np.sort(rng.choice(len(split.x), size=d.public.size, replace=False))
+        x, y = split.x[rows], None if split.y is None else split.y[rows]
+    if tuple(x.shape[1:]) != tuple(private_shape):
+        _shape_error(d, tuple(x.shape[1:]), tuple(private_shape))
+    if not (d.public.labelled and _same_labels(d)) or y is None:
+        y = np.full(len(x), -1, dtype=np.int64)
+    return x, y
+
+
+def _federate(
+    config: Config,
+    private_x: np.ndarray,
+    private_y: np.ndarray,
+    public_x: np.ndarray,
+    public_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    num_classes: int,
+) -> FederatedData:
+    """Partition the private split over the clients and assemble the splits."""
+    d = config.data
     partition = PARTITIONERS.get(config.partition.name)
     parts = partition(
-        pool.y[priv],
+        private_y,
         config.clients.count,
         derive_seed(config.seed, "partition"),
         **config.partition.params,
@@ -233,14 +513,7 @@ def build_federated_data(config: Config) -> FederatedData:
             d.private - assigned,
         )
     return FederatedData(
-        pool.x[priv],
-        pool.y[priv],
-        parts,
-        pool.x[pub],
-        pool.y[pub],
-        pool.x[test],
-        pool.y[test],
-        pool.num_classes,
+        private_x, private_y, parts, public_x, public_y, test_x, test_y, num_classes
     )
 
 

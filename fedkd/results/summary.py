@@ -173,7 +173,7 @@ def summarize(
         rounds_completed=len(records),
         strategy=str(config.strategy),
         clients=config.clients.count,
-        data=f"{d.dataset} ({d.private} private / {d.public} public / {d.test} test), "
+        data=f"{d.dataset} ({d.private} private / {d.public} public / {test_size} test), "
         f"partition {config.partition}",
         evaluation=f"the global held-out test set ({test_size} samples)",
         final=Final(students, local_stats, gain, teacher_acc, server_acc),
