@@ -35,7 +35,6 @@ from fedkd.results.records import (
     ClientRecord,
     FailureRecord,
     FaultsRecord,
-    PrivacyRecord,
     RoundRecord,
 )
 from fedkd.seeding import derive_seed, torch_generator
@@ -293,7 +292,7 @@ class Federation:
             bytes_up=int(sum(c.bytes_up for c in clients.values()))
             + int(sum(f.bytes_up for f in failures)),  # rejected payloads travelled too
             bytes_down=int(sum(down.values())),
-            privacy=self._privacy_record(),
+            privacy=server.privacy.record(),
             faults=FaultsRecord.from_json(faults.to_dict()) if self._faults_on() else None,
             failed=usable < min_usable(cfg.clients.min_success, len(cids)),
         )
@@ -380,8 +379,3 @@ class Federation:
         targets = self._hook("targets", aggregate, public_indices(cfg, rnd + 1))
         self.targets = check_payload(strategy, "targets", targets)
         return metrics
-
-    def _privacy_record(self) -> PrivacyRecord | None:
-        assert self.server.privacy is not None
-        raw = self.server.privacy.record()
-        return PrivacyRecord.from_json(raw)

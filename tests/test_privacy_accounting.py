@@ -447,8 +447,8 @@ def test_ledger_monotone_and_projection_equals_charge(mode, accountant):
                 assert after[c] == before[c]
         before = after
     record = ledger.record()
-    assert record["epsilon"] == max(before.values())
-    assert record["accountant"] == accountant and record["mechanism"] == ledger.mechanism
+    assert record.epsilon == max(before.values())
+    assert record.accountant == accountant and record.mechanism == ledger.mechanism
 
 
 def test_ledger_matches_the_accountant_directly():

@@ -19,11 +19,11 @@ regenerate it, so use ``privacy.secure_noise`` for anything beyond simulation.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
 from fedkd.config import Config, ConfigError
+from fedkd.results.records import PrivacyRecord
 
 #: RDP orders: Opacus' defaults, extended to large orders, which are optimal for
 #: weak mechanisms (noise / sensitivity above ~20, e.g. PATE's GNMax)
@@ -209,17 +209,17 @@ class PrivacyLedger:
                     self.dp_last[cid] = int(m["dp_steps"]) - self.dp_steps.get(cid, 0)
                     self.dp_steps[cid] = int(m["dp_steps"])
 
-    def record(self) -> dict[str, Any] | None:
-        """The round record's ``privacy`` entry."""
+    def record(self) -> PrivacyRecord | None:
+        """The round record's ``privacy`` entry (None when no mechanism is active)."""
         if not self.active:
             return None
         eps = self.epsilons()
-        return {
-            "mechanism": "pate" if self.rdp_round is not None else self.mechanism,
-            "unit": self.unit,
-            "delta": self.p.delta,
-            "accountant": "rdp" if self.rdp_round is not None else self.p.accountant,
-            "epsilon": max(eps.values()) if eps else 0.0,
-            "noise": "secure" if self.p.secure_noise else "seeded (epsilon assumes a secret seed)",
-            "clients": {str(c): e for c, e in eps.items()},
-        }
+        return PrivacyRecord(
+            mechanism="pate" if self.rdp_round is not None else self.mechanism,
+            unit=self.unit,
+            delta=self.p.delta,
+            accountant="rdp" if self.rdp_round is not None else self.p.accountant,
+            epsilon=max(eps.values()) if eps else 0.0,
+            noise="secure" if self.p.secure_noise else "seeded (epsilon assumes a secret seed)",
+            clients=dict(eps),
+        )

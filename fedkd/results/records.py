@@ -388,8 +388,11 @@ class RunSummary:
         f = d["final"]
         d["outcome"] = Outcome(d["outcome"])
         d["final"] = Final(
-            **{**f, "students": Stats.from_json(f["students"])}
-            | {"local_only": Stats.from_json(f["local_only"])}
+            **{
+                **f,
+                "students": Stats.from_json(f["students"]),
+                "local_only": Stats.from_json(f["local_only"]),
+            }
         )
         d["architectures"] = tuple(
             Architecture(**{**a, "clients": tuple(a["clients"])}) for a in d["architectures"]
