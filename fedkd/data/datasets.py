@@ -246,17 +246,6 @@ OFFICIAL_SHAPES: dict[str, tuple[int, int, int]] = {
     "stl10": (3, 96, 96),
 }
 
-#: where to get each official dataset's files (fedkd does not download them yet)
-OFFICIAL_SOURCES: dict[str, str] = {
-    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (torchvision's mirror)",
-    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    "emnist": "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip (unzip into EMNIST/raw)",
-    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (untar under the root)",
-    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (untar under the root)",
-    "svhn": "http://ufldl.stanford.edu/housenumbers/ (the *_32x32.mat files)",
-    "stl10": "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz (untar under the root)",
-}
-
 
 class OfficialDataset:
     """A dataset read from its official files (see :mod:`fedkd.data.readers`).

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from fedkd.config import Config, ConfigError, DataConfig, check_plugin_params
-from fedkd.data.datasets import DATASETS, OFFICIAL_SHAPES, OFFICIAL_SOURCES, OfficialDataset
+from fedkd.data.datasets import DATASETS, OFFICIAL_SHAPES, OfficialDataset
 from fedkd.data.partition import PARTITIONERS
 from fedkd.data.readers import READERS, Split, expected_files, read_split
 from fedkd.registry import bind_params
@@ -186,29 +186,13 @@ def _present(root: Path, rel: Path, gzip_ok: bool) -> bool:
 
 
 def _require_files(d: DataConfig, name: str, split: str, options: dict[str, Any]) -> None:
-    """Raise the readers' ConfigError on ``data.root`` if a file of the split is missing.
-
-    Only checks that the files exist (cheap); nothing is read. With ``data.download``
-    the error says that downloading is not implemented yet and where the files are.
-    """
+    """Raise the readers' ConfigError on ``data.root`` if a file of the split is missing
+    (it names every file, the folder and where to get them; downloading is not
+    implemented yet). Only checks that the files exist (cheap); nothing is read."""
     root = Path(d.root).expanduser()
     rels = expected_files(name, split, **options)
-    if all(_present(root, rel, READERS[name].gzip_ok) for rel in rels):
-        return
-    try:
+    if not all(_present(root, rel, READERS[name].gzip_ok) for rel in rels):
         read_split(name, root, split, **options)  # raises before reading: a file is missing
-    except ConfigError as err:
-        source = OFFICIAL_SOURCES[name]
-        if d.download:
-            raise ConfigError(
-                err.field,
-                f"{err.reason.split(' Set data.download')[0]} data.download = true, but "
-                f"downloading is not implemented yet: get the files from {source} and "
-                f"put them under {root} (or download them with torchvision.datasets once).",
-            ) from None
-        hint = f"fedkd cannot download them yet: get them from {source}, or"
-        reason = err.reason.replace("Set data.download = true to fetch them, or", hint)
-        raise ConfigError(err.field, reason) from None
 
 
 def _public_options_error(err: ConfigError) -> ConfigError:

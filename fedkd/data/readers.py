@@ -68,6 +68,18 @@ class CorruptFileError(ConfigError):
         )
 
 
+#: where to get each official dataset's files (fedkd does not download them yet)
+SOURCES: dict[str, str] = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (torchvision's mirror)",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "emnist": "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip (unzip into EMNIST/raw)",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (untar under the root)",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (untar under the root)",
+    "svhn": "http://ufldl.stanford.edu/housenumbers/ (the *_32x32.mat files)",
+    "stl10": "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz (untar under the root)",
+}
+
+
 @dataclass(frozen=True)
 class Split:
     """One official split: ``x`` float32 (N, C, H, W) in [0, 1], ``y`` int64 (N,) or None.
@@ -499,7 +511,7 @@ def read_split(name: str, root: str | Path, split: str, **options: Any) -> Split
     when any is missing, and :class:`CorruptFileError` for a malformed file.
     """
     root = Path(root)
-    _, reader = _reader(name, split, options)
+    key, reader = _reader(name, split, options)
     relative = reader.files(split, **options)
     found, missing = [], []
     for rel in relative:
@@ -514,8 +526,9 @@ def read_split(name: str, root: str | Path, split: str, **options: Any) -> Split
             f"{reader.title} {split} split not found in folder {root}: it needs "
             f"{', '.join(str(p) for p in relative)}{gz} in torchvision's layout under it, "
             f"and {', '.join(str(p.relative_to(root)) for p in missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing. Set data.download = true to "
-            "fetch them, or point data.root at a folder that holds them.",
+            f"{'is' if len(missing) == 1 else 'are'} missing; downloading is not implemented yet "
+            f"(data.download = true cannot fetch them): get them from {SOURCES[key]}, or "
+            "point data.root at a folder that holds them.",
         )
     x, y, classes = reader.read(found, split, **options)
     return Split(x, y, tuple(classes), found[0].parent, tuple(found))
