@@ -3,7 +3,8 @@
 Everything here is a pure function of the config (``[faults]`` and the run seed), the
 round and the client id, drawn through :func:`fedkd.seeding.derive_seed`, so the same
 config gives the same faults whatever the worker order, and each round's faults can be
-recorded (:meth:`RoundFaults.to_dict`) and replayed. Delays are simulated, never slept.
+recorded (:class:`fedkd.results.records.FaultsRecord`) and replayed. Delays are
+simulated, never slept.
 
 * Dropout and stragglers: :func:`plan_round` draws each sampled client's fate from its
   own generator keyed by (seed, round, client), so a client's fate does not depend on
@@ -15,9 +16,8 @@ recorded (:meth:`RoundFaults.to_dict`) and replayed. Delays are simulated, never
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -32,7 +32,11 @@ from fedkd.payloads import (
     Votes,
     Weights,
 )
+from fedkd.results.records import FaultsRecord
 from fedkd.seeding import derive_seed
+
+#: the faults of one round: planned here, kept as they are in the round's record
+RoundFaults = FaultsRecord
 
 _TINY = 1e-12  # probabilities are clipped here before taking logs (log 0 = -inf)
 
@@ -47,58 +51,6 @@ def byzantine_clients(config: Config) -> tuple[int, ...]:
         return ()
     rng = np.random.default_rng(derive_seed(config.seed, "byzantine"))
     return tuple(sorted(int(c) for c in rng.permutation(n)[:k]))
-
-
-@dataclass(frozen=True)
-class RoundFaults:
-    """The simulated faults of one round (empty when ``[faults]`` configures none).
-
-    Attributes:
-        dropped: sampled clients that do not reply at all this round (dropout).
-        delays: simulated extra delay (s) of each straggler this round, by client id
-            (the late ones included). A dropped client is never a straggler.
-        late: stragglers whose delay exceeds ``faults.deadline`` (when it is > 0):
-            their replies arrive too late and are dropped.
-        byzantine: the Byzantine clients among the sampled (dropped or late ones too).
-    """
-
-    dropped: tuple[int, ...] = ()
-    delays: dict[int, float] = field(default_factory=dict)
-    late: tuple[int, ...] = ()
-    byzantine: tuple[int, ...] = ()
-
-    @property
-    def excluded(self) -> tuple[int, ...]:
-        """Clients whose replies the server does not use this round (dropped + late), sorted."""
-        return tuple(sorted((*self.dropped, *self.late)))
-
-    @property
-    def attackers(self) -> tuple[int, ...]:
-        """Byzantine clients whose (malicious) replies do reach the server this round."""
-        out = set(self.excluded)
-        return tuple(c for c in self.byzantine if c not in out)
-
-    def __bool__(self) -> bool:
-        return bool(self.dropped or self.delays or self.late or self.byzantine)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready plain data (client-id keys of ``delays`` as strings, as JSON has them)."""
-        return {
-            "dropped": [int(c) for c in self.dropped],
-            "delays": {str(int(c)): float(d) for c, d in sorted(self.delays.items())},
-            "late": [int(c) for c in self.late],
-            "byzantine": [int(c) for c in self.byzantine],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RoundFaults:
-        """Inverse of :meth:`to_dict` (also accepts int keys in ``delays``)."""
-        return cls(
-            dropped=tuple(int(c) for c in data.get("dropped", ())),
-            delays={int(c): float(d) for c, d in dict(data.get("delays", {})).items()},
-            late=tuple(int(c) for c in data.get("late", ())),
-            byzantine=tuple(int(c) for c in data.get("byzantine", ())),
-        )
 
 
 def plan_round(config: Config, rnd: int, cids: Sequence[int]) -> RoundFaults:

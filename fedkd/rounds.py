@@ -34,7 +34,6 @@ from fedkd.privacy.payload import central_mean
 from fedkd.results.records import (
     ClientRecord,
     FailureRecord,
-    FaultsRecord,
     RoundRecord,
 )
 from fedkd.seeding import derive_seed, torch_generator
@@ -293,7 +292,7 @@ class Federation:
             + int(sum(f.bytes_up for f in failures)),  # rejected payloads travelled too
             bytes_down=int(sum(down.values())),
             privacy=server.privacy.record(),
-            faults=FaultsRecord.from_json(faults.to_dict()) if self._faults_on() else None,
+            faults=faults if self._faults_on() else None,
             failed=usable < min_usable(cfg.clients.min_success, len(cids)),
         )
         return record

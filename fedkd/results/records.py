@@ -193,27 +193,59 @@ class PrivacyRecord:
 
 @dataclass(frozen=True)
 class FaultsRecord:
-    """Simulated faults of one round (see :mod:`fedkd.faults`)."""
+    """The simulated faults of one round (empty when ``[faults]`` configures none), as
+    :func:`fedkd.faults.plan_round` plans them and the round record keeps them.
+
+    Attributes:
+        dropped: sampled clients that do not reply at all this round (dropout).
+        delays: simulated extra delay (s) of each straggler this round, by client id
+            (the late ones included). A dropped client is never a straggler.
+        late: stragglers whose delay exceeds ``faults.deadline`` (when it is > 0):
+            their replies arrive too late and are dropped.
+        byzantine: the Byzantine clients among the sampled (dropped or late ones too).
+    """
 
     dropped: tuple[int, ...] = ()
-    late: tuple[int, ...] = ()
     delays: dict[int, float] = field(default_factory=dict)
+    late: tuple[int, ...] = ()
     byzantine: tuple[int, ...] = ()
 
     @property
-    def any(self) -> bool:
-        return bool(self.dropped or self.late or self.delays or self.byzantine)
+    def excluded(self) -> tuple[int, ...]:
+        """Clients whose replies the server does not use this round (dropped + late), sorted."""
+        return tuple(sorted((*self.dropped, *self.late)))
+
+    @property
+    def attackers(self) -> tuple[int, ...]:
+        """Byzantine clients whose (malicious) replies do reach the server this round."""
+        out = set(self.excluded)
+        return tuple(c for c in self.byzantine if c not in out)
+
+    def __bool__(self) -> bool:
+        return bool(self.dropped or self.delays or self.late or self.byzantine)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready plain data (client-id keys of ``delays`` as strings, as JSON has them)."""
+        return {
+            "dropped": [int(c) for c in self.dropped],
+            "delays": {str(int(c)): float(d) for c, d in sorted(self.delays.items())},
+            "late": [int(c) for c in self.late],
+            "byzantine": [int(c) for c in self.byzantine],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FaultsRecord:
+        """Inverse of :meth:`to_dict` (also accepts int keys in ``delays``)."""
+        return cls(
+            dropped=tuple(int(c) for c in data.get("dropped", ())),
+            delays={int(c): float(d) for c, d in dict(data.get("delays", {})).items()},
+            late=tuple(int(c) for c in data.get("late", ())),
+            byzantine=tuple(int(c) for c in data.get("byzantine", ())),
+        )
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> FaultsRecord | None:
-        if data is None:
-            return None
-        return cls(
-            dropped=tuple(data.get("dropped", ())),
-            late=tuple(data.get("late", ())),
-            delays={int(k): float(v) for k, v in data.get("delays", {}).items()},
-            byzantine=tuple(data.get("byzantine", ())),
-        )
+        return None if data is None else cls.from_dict(data)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def progress_line(record: RoundRecord, rounds: int) -> str:
         p = record.privacy
         parts.append(f"eps {p.epsilon:.3g} (delta {p.delta:g})")
     parts.append(f"{record.seconds:.2f} s")
-    if record.faults is not None and record.faults.any:
+    if record.faults:
         f = record.faults
         missing = len(f.dropped) + len(f.late)
         if missing:
