@@ -102,16 +102,25 @@ def make_client_app(config: Config, data_path: str, state_dir: str) -> ClientApp
     return app
 
 
-def _read_reply(cid: int, reply: Message) -> FitReply | Failure:
-    """A client's reply message as a FitReply, or the Failure it reports."""
-    if reply.has_error():  # raised outside our handler (e.g. the worker died)
+def _reported_failure(cid: int, reply: Message) -> Failure | None:
+    """The failure a reply reports: one our handler caught (a line and the traceback), or
+    one raised outside it, e.g. a dead worker (Ray's traceback, without colours)."""
+    if reply.has_error():
         text = plain_text(str(reply.error.reason))
         lines = [x for x in text.strip().splitlines() if x.strip()]
         last = lines[-1] if lines else "unknown error"
         return Failure(cid, f"client raised: {last}", "client", text)
     if "error" in reply.content.config_records:
         e = reply.content.config_records["error"]
-        return Failure(cid, str(e["error"]), str(e["side"]), str(e["traceback"]) or None)
+        return Failure(int(e["cid"]), str(e["error"]), str(e["side"]), str(e["traceback"]) or None)
+    return None
+
+
+def _read_reply(cid: int, reply: Message) -> FitReply | Failure:
+    """A client's reply message as a FitReply, or the Failure it reports."""
+    failure = _reported_failure(cid, reply)
+    if failure is not None:
+        return failure
     meta = reply.content.config_records["meta"]
     metrics = {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
     payload = None
@@ -221,11 +230,11 @@ def _handshake(
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.hello") for n in nodes]
     mapping: dict[int, int] = {}
     for reply in send_and_wait(grid, msgs, timeout, stop, "start-up"):
-        if reply.has_error():
-            raise RunFailed(f"a client failed to start: {plain_text(str(reply.error.reason))}")
-        if "error" in reply.content.config_records:
-            e = reply.content.config_records["error"]
-            raise RunFailed(f"client {e['cid']} failed to start: {e['error']}")
+        failure = _reported_failure(-1, reply)
+        if failure is not None:  # one line here; the traceback goes to errors.log as the cause
+            who = f"client {failure.cid}" if failure.cid >= 0 else "a client"
+            cause = RuntimeError(failure.traceback) if failure.traceback else None
+            raise RunFailed(f"{who} failed to start: {failure.error}") from cause
         mapping[int(reply.content.config_records["meta"]["cid"])] = reply.metadata.src_node_id
     return mapping
 
