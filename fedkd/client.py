@@ -177,6 +177,7 @@ class ClientRuntime:
             privacy=cfg.privacy if cfg.privacy.mechanism != "none" else None,
             seed=cfg.seed,
             strategy_name=type(strategy).__name__,
+            rounds=cfg.rounds,
         )
 
     def fit(self, cid: int, rnd: int, targets: Payload | None, public_idx: np.ndarray) -> FitReply:

@@ -75,9 +75,24 @@ def _positive(path: str, value: float, *, strict: bool = True) -> None:
         raise ConfigError(path, f"must be {bound}, got {value!r}")
 
 
+def _check_recipe_numbers(grad_clip: float, label_smoothing: float) -> None:
+    _positive("grad_clip", grad_clip, strict=False)
+    if not 0 <= label_smoothing < 1:
+        raise ConfigError("label_smoothing", f"must be in [0, 1), got {label_smoothing!r}")
+
+
 #: datasets read from their official files (fedkd.data.readers); ``data.test = 0`` means
 #: the whole official test split for these
-OFFICIAL_DATASETS = ("mnist", "fashion_mnist", "emnist", "cifar10", "cifar100", "svhn", "stl10")
+OFFICIAL_DATASETS = (
+    "mnist",
+    "fashion_mnist",
+    "emnist",
+    "femnist",
+    "cifar10",
+    "cifar100",
+    "svhn",
+    "stl10",
+)
 
 _PUBLIC_KEYS = ("dataset", "split", "size", "labelled")
 
@@ -257,8 +272,13 @@ class ClientsConfig:
     fraction: float = 1.0  # fraction of clients sampled each round
     batch_size: int = 32
     local_epochs: int = 3
-    optimizer: str = "adam"
+    # training recipe (fedkd.recipes): optimizer with its settings, e.g. {name = "sgd",
+    # momentum = 0.9, nesterov = true, weight_decay = 5e-4}; rate; schedule; clipping
+    optimizer: Spec = field(default_factory=lambda: Spec("adam"))
     lr: float = 1e-2
+    schedule: Spec = field(default_factory=lambda: Spec("constant"))  # see fedkd.recipes
+    grad_clip: float = 0.0  # max global gradient L2 norm per step; 0 = no clipping
+    label_smoothing: float = 0.0  # on the cross-entropy term only
     # A round fails when fewer than this fraction of its sampled clients reply usably.
     min_success: float = 0.5
 
@@ -272,6 +292,7 @@ class ClientsConfig:
         _positive("batch_size", self.batch_size)
         _positive("local_epochs", self.local_epochs, strict=False)
         _positive("lr", self.lr)
+        _check_recipe_numbers(self.grad_clip, self.label_smoothing)
         if not 0 < self.min_success <= 1:
             raise ConfigError("min_success", f"must be in (0, 1], got {self.min_success}")
         for section in ("model_groups", "strategies"):
@@ -286,8 +307,10 @@ class ServerConfig:
     teacher: Spec = field(default_factory=lambda: Spec("cnn1d", {"channels": 64}))
     epochs: int = 2  # teacher distillation epochs on the public set per round
     batch_size: int = 64
-    optimizer: str = "adam"
+    optimizer: Spec = field(default_factory=lambda: Spec("adam"))  # as clients.optimizer
     lr: float = 3e-3
+    schedule: Spec = field(default_factory=lambda: Spec("constant"))  # see fedkd.recipes
+    grad_clip: float = 0.0  # (no label smoothing: the server only distills)
     public_subset: int = 0  # public samples used per round; 0 = all of them
     # How logit-type payloads (logits, soft labels) are combined: mean (the strategy's own
     # weighting), weighted_mean, median, trimmed_mean, clipped_mean (see fedkd.aggregators).
@@ -297,6 +320,7 @@ class ServerConfig:
         _positive("epochs", self.epochs, strict=False)
         _positive("batch_size", self.batch_size)
         _positive("lr", self.lr)
+        _positive("grad_clip", self.grad_clip, strict=False)
         _positive("public_subset", self.public_subset, strict=False)
 
 

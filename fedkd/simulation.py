@@ -28,6 +28,7 @@ from fedkd.data.federation import check_data_config
 from fedkd.models import build_model, check_model_spec
 from fedkd.privacy.accounting import PrivacyLedger
 from fedkd.profiling import profile_model
+from fedkd.recipes import check_recipes
 from fedkd.results import (
     Outcome,
     RoundRecord,
@@ -42,7 +43,6 @@ from fedkd.results.records import write_jsonl
 from fedkd.results.summary import outcome_of, summarize
 from fedkd.rounds import Federation, Interrupted, RunFailed, sample_clients
 from fedkd.strategy import client_strategy, server_strategy
-from fedkd.training import OPTIMIZERS
 
 log = logging.getLogger("fedkd")
 
@@ -78,12 +78,7 @@ def check_config(config: Config) -> None:
     for key, spec in config.clients.model_groups.items():
         check_model_spec(spec, f"clients.model_groups.{key}")
     check_model_spec(config.server.teacher, "server.teacher")
-    for path, name in (
-        ("clients.optimizer", config.clients.optimizer),
-        ("server.optimizer", config.server.optimizer),
-    ):
-        if name not in OPTIMIZERS:
-            raise ConfigError(path, f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    check_recipes(config)
     strategy = server_strategy(config)
     for cid in range(config.clients.count):
         client_strategy(config, cid)

@@ -55,6 +55,7 @@ from fedkd.privacy import guard
 from fedkd.privacy.accounting import PrivacyError, PrivacyLedger
 from fedkd.privacy.dpsgd import HISTORY_KEY
 from fedkd.privacy.guard import Locked, Sealed, stored
+from fedkd.recipes import Recipe
 from fedkd.registry import Registry
 from fedkd.seeding import derive_seed
 from fedkd.training import (
@@ -183,6 +184,7 @@ class ClientNode:
     privacy: PrivacyConfig | None = Locked(None)  # type: ignore[assignment]  # None: no mechanism
     seed: int = 0  # the run seed (DP-SGD noise is derived from it)
     strategy_name: str = "the client strategy"
+    rounds: int = 1  # the run's rounds (the length of a schedule's round clock)
 
     def __post_init__(self) -> None:
         # what DP-SGD may train: the student and optimizer as the runtime built them
@@ -237,6 +239,11 @@ class ClientNode:
         return len(stored(self, "y"))
 
     @property
+    def recipe(self) -> Recipe:
+        """``[clients]``' schedule, clipping and label smoothing, at this round."""
+        return Recipe.of(self.settings, self.round, self.rounds)
+
+    @property
     def dpsgd(self) -> bool:
         """Whether private training runs through Opacus DP-SGD (record-level DP)."""
         return self.privacy is not None and self.privacy.mechanism == "dpsgd"
@@ -282,6 +289,7 @@ class ClientNode:
             generator=self.generator,
             kd=kd,
             kd_weight=kd_weight,
+            recipe=self.recipe,
         )
 
     def train_private(
@@ -341,6 +349,7 @@ class ClientNode:
                 batch_size=self.settings.batch_size,
                 generator=self.generator,
                 max_steps=steps,
+                recipe=self.recipe,
             )["kd"]
         return out
 
@@ -365,6 +374,7 @@ class ClientNode:
             epochs=epochs,
             batch_size=self.settings.batch_size,
             generator=self.generator,
+            recipe=self.recipe,
         )
 
     def public_logits(self, idx: np.ndarray) -> np.ndarray:
@@ -405,7 +415,8 @@ class ClientNode:
         load_weights(self.model, weights)
 
     def reset_optimizer(self) -> None:
-        """A fresh optimizer (``clients.optimizer`` at ``clients.lr``), e.g. after the
+        """A fresh optimizer (``clients.optimizer`` at ``clients.lr``; a schedule scales
+        that rate from the next step on), e.g. after the
         student was replaced by a global model."""
         self.optimizer = make_optimizer(self.settings.optimizer, self.model, self.settings.lr)
 
@@ -438,6 +449,11 @@ class ServerNode:
     @property
     def settings(self) -> ServerConfig:
         return self.config.server
+
+    @property
+    def recipe(self) -> Recipe:
+        """``[server]``'s schedule and clipping, at this round."""
+        return Recipe.of(self.settings, self.round, self.config.rounds)
 
     def student_spec(self, cid: int) -> Spec:
         """Client ``cid``'s student architecture."""
@@ -529,6 +545,7 @@ class ServerNode:
             epochs=self.settings.epochs if epochs is None else epochs,
             batch_size=self.settings.batch_size,
             generator=self.generator,
+            recipe=self.recipe,
         )
 
     def distill_teacher(self, targets: Logits | SoftLabels, *, temperature: float) -> Metrics:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedkd.config import Spec
+from fedkd.recipes import Recipe
 from fedkd.registry import Registry
 
 OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry(
@@ -23,8 +25,11 @@ OPTIMIZERS.register("adamw")(torch.optim.AdamW)
 OPTIMIZERS.register("sgd")(torch.optim.SGD)
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(name)(model.parameters(), lr=lr)
+def make_optimizer(spec: str | Spec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Optimizer ``spec`` (a registered name, or a :class:`Spec` with its settings such as
+    ``momentum``, ``nesterov``, ``weight_decay``, ``betas``) over ``model``, at rate ``lr``."""
+    spec = Spec.parse(spec)
+    return OPTIMIZERS.get(spec.name)(model.parameters(), lr=lr, **spec.params)
 
 
 @dataclass
@@ -64,21 +69,29 @@ def train_supervised(
     generator: torch.Generator,
     kd: KDTargets | ClassKDTargets | None = None,
     kd_weight: float = 0.0,
+    recipe: Recipe | None = None,
 ) -> dict[str, float]:
     """Cross-entropy on (x, y), optionally mixed with a distillation term.
 
     The loss is ``(1 - kd_weight) * CE + kd_weight * KD``. With :class:`KDTargets`
     each private batch is paired with a random public batch of the same size; with
     :class:`ClassKDTargets` the KD term is on the private batch itself, towards the
-    target logits of each sample's class.
+    target logits of each sample's class. ``recipe`` (:mod:`fedkd.recipes`) sets the
+    rate before each step, clips gradients and smooths the CE labels.
     """
+    recipe = recipe or Recipe()
     model.train()
     totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
     steps = 0
-    for _ in range(epochs):
+    per_epoch = -(-len(y) // batch_size)
+    lr = None
+    for epoch in range(epochs):
         for rows in _batches(len(y), batch_size, generator):
+            lr = recipe.set_lr(
+                optimizer, epoch=epoch, epochs=epochs, step=steps, steps=epochs * per_epoch
+            )
             out = model(x[rows])
-            ce = F.cross_entropy(out, y[rows])
+            ce = F.cross_entropy(out, y[rows], label_smoothing=recipe.label_smoothing)
             loss = ce
             kd_loss = None
             if isinstance(kd, ClassKDTargets) and kd_weight > 0:
@@ -95,11 +108,15 @@ def train_supervised(
                 totals["kd"] += kd_loss.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            recipe.clip(model)
             optimizer.step()
             totals["loss"] += loss.item()
             totals["ce"] += ce.item()
             steps += 1
-    return {k: v / max(steps, 1) for k, v in totals.items()}
+    out_metrics = {k: v / max(steps, 1) for k, v in totals.items()}
+    if lr is not None:
+        out_metrics["lr"] = lr  # the rate of the last step (only when a schedule is set)
+    return out_metrics
 
 
 def distill(
@@ -111,25 +128,36 @@ def distill(
     batch_size: int,
     generator: torch.Generator,
     max_steps: int | None = None,
+    recipe: Recipe | None = None,
 ) -> dict[str, float]:
     """Fit ``model`` to the soft targets alone (no labels): ``epochs`` passes over them
-    (stopping early after ``max_steps`` batches, if given)."""
+    (stopping early after ``max_steps`` batches, if given). ``recipe`` sets the rate
+    before each step and clips gradients (:mod:`fedkd.recipes`)."""
+    recipe = recipe or Recipe()
     model.train()
     total, steps = 0.0, 0
+    per_epoch = -(-len(kd.logits) // batch_size)
     limit = float("inf") if max_steps is None else max_steps
-    for _ in range(epochs):
+    planned = int(min(epochs * per_epoch, limit))  # the step clock's length
+    lr = None
+    for epoch in range(epochs):
         if steps >= limit:
             break
         for rows in _batches(len(kd.logits), batch_size, generator):
             if steps >= limit:
                 break
+            lr = recipe.set_lr(optimizer, epoch=epoch, epochs=epochs, step=steps, steps=planned)
             loss = kd.loss(model(kd.x[rows]), kd.logits[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            recipe.clip(model)
             optimizer.step()
             total += loss.item()
             steps += 1
-    return {"kd": total / max(steps, 1)}
+    out = {"kd": total / max(steps, 1)}
+    if lr is not None:
+        out["lr"] = lr
+    return out
 
 
 @torch.no_grad()

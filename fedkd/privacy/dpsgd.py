@@ -129,16 +129,23 @@ def _dp_steps(node: ClientNode, epochs: int) -> dict[str, Any]:
         noise_generator=noise,
     )
     total, steps = 0.0, 0
+    recipe = node.recipe  # rate schedule and label smoothing (clipping is DP-SGD's own)
+    planned = epochs * len(private_loader)  # expected steps: the step clock's length
     model.train()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for _ in range(epochs):
+            for epoch in range(epochs):
                 for x, y in private_loader:
+                    recipe.set_lr(optimizer, epoch=epoch, epochs=epochs, step=steps, steps=planned)
                     optimizer.zero_grad(set_to_none=True)
                     out = model(x)
                     # Poisson sampling can draw an empty batch: still a (noise-only) step
-                    loss = F.cross_entropy(out, y) if len(y) else out.sum() * 0.0
+                    loss = (
+                        F.cross_entropy(out, y, label_smoothing=recipe.label_smoothing)
+                        if len(y)
+                        else out.sum() * 0.0
+                    )
                     loss.backward()
                     optimizer.step()
                     total += loss.item()
