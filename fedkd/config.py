@@ -96,6 +96,9 @@ OFFICIAL_DATASETS = (
 
 _PUBLIC_KEYS = ("dataset", "split", "size", "labelled")
 
+#: ``data.augment`` settings (fedkd.data.transforms.augment_for)
+AUGMENT_CHOICES = ("auto", "none", "crop", "flip", "crop+flip")
+
 
 class PublicSet(int):
     """``data.public``: the public proxy set, an int that is its size.
@@ -232,13 +235,22 @@ class DataConfig:
     test set from its test split (all of it when ``test`` is 0 or at least its size).
     """
 
+    # the dataset plug-in: a generated one (mnist1d, digits, synthetic, hf) or one read
+    # from its official files (mnist, fashion_mnist, emnist, femnist, cifar10, cifar100,
+    # svhn, stl10); `fedkd list` shows them with their parameters
     dataset: Spec = field(default_factory=lambda: Spec("mnist1d"))
     private: int = 3000  # private training samples, partitioned over the clients
     # public proxy set: inputs shared by identity, never shipped; a size or a table
     public: PublicSet = PublicSet(1000)
     test: int = 1000  # held-out global test set: every model is evaluated on it
     root: str = "data"  # folder holding official datasets' files (torchvision's layout)
-    download: bool = False  # fetch missing official files (not implemented yet)
+    download: bool = False  # fetch missing official files into root (fedkd.data.download)
+    # official datasets: subtract the published per-channel mean, divide by the std
+    normalize: bool = True
+    # train-time augmentation of private batches: auto (the dataset's usual recipe:
+    # crop+flip for CIFAR/STL-10, crop for SVHN, none for the MNIST family and offline
+    # data), none, crop, flip, crop+flip (fedkd.data.transforms)
+    augment: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("private", self.private)
@@ -252,6 +264,10 @@ class DataConfig:
         _positive("test", self.test, strict=False)
         if not isinstance(self.root, str) or not self.root:
             raise ConfigError("root", f"must be a folder path, got {self.root!r}")
+        if self.augment not in AUGMENT_CHOICES:
+            raise ConfigError(
+                "augment", f"must be one of {', '.join(AUGMENT_CHOICES)}; got {self.augment!r}"
+            )
 
     @property
     def official(self) -> bool:
@@ -263,20 +279,24 @@ class DataConfig:
 class ClientsConfig:
     """The simulated clients: how many, their students, and how they train."""
 
-    count: int = 10
+    count: int = 10  # number of simulated clients
+    # student architectures, assigned round-robin over the clients (`fedkd list` shows
+    # every model with its parameter count)
     models: list[Spec] = field(default_factory=lambda: [Spec("mlp"), Spec("cnn1d")])
     # Explicit model per client id range ("0-4" or "7"); others go round-robin over `models`.
     model_groups: dict[str, Spec] = field(default_factory=dict)
     # Client strategy per client id range; others run the strategy's own client side.
     strategies: dict[str, Spec] = field(default_factory=dict)
     fraction: float = 1.0  # fraction of clients sampled each round
-    batch_size: int = 32
-    local_epochs: int = 3
-    # training recipe (fedkd.recipes): optimizer with its settings, e.g. {name = "sgd",
-    # momentum = 0.9, nesterov = true, weight_decay = 5e-4}; rate; schedule; clipping
+    batch_size: int = 32  # private batch size (also of the clients' public distillation)
+    local_epochs: int = 3  # epochs over the private data per round
+    # adam, adamw or sgd, with the optimizer's own settings, e.g. { name = "sgd",
+    # momentum = 0.9, nesterov = true, weight_decay = 5e-4 } (see Training recipes)
     optimizer: Spec = field(default_factory=lambda: Spec("adam"))
-    lr: float = 1e-2
-    schedule: Spec = field(default_factory=lambda: Spec("constant"))  # see fedkd.recipes
+    lr: float = 1e-2  # initial learning rate (a schedule scales it)
+    # learning-rate schedule and its clock, e.g. { name = "cosine", clock = "round",
+    # warmup = 5 } (see Training recipes)
+    schedule: Spec = field(default_factory=lambda: Spec("constant"))
     grad_clip: float = 0.0  # max global gradient L2 norm per step; 0 = no clipping
     label_smoothing: float = 0.0  # on the cross-entropy term only
     # A round fails when fewer than this fraction of its sampled clients reply usably.
@@ -304,12 +324,12 @@ class ClientsConfig:
 class ServerConfig:
     """The server's global teacher and how it is distilled on the public set."""
 
-    teacher: Spec = field(default_factory=lambda: Spec("cnn1d", {"channels": 64}))
+    teacher: Spec = field(default_factory=lambda: Spec("cnn1d", {"channels": 64}))  # model
     epochs: int = 2  # teacher distillation epochs on the public set per round
-    batch_size: int = 64
+    batch_size: int = 64  # public batch size of the server's distillation
     optimizer: Spec = field(default_factory=lambda: Spec("adam"))  # as clients.optimizer
-    lr: float = 3e-3
-    schedule: Spec = field(default_factory=lambda: Spec("constant"))  # see fedkd.recipes
+    lr: float = 3e-3  # initial learning rate of the teacher (a schedule scales it)
+    schedule: Spec = field(default_factory=lambda: Spec("constant"))  # as clients.schedule
     grad_clip: float = 0.0  # (no label smoothing: the server only distills)
     public_subset: int = 0  # public samples used per round; 0 = all of them
     # How logit-type payloads (logits, soft labels) are combined: mean (the strategy's own
@@ -328,11 +348,11 @@ class ServerConfig:
 class SimulationConfig:
     """How Flower's simulation engine runs the clients."""
 
-    backend: str = "ray"
+    backend: str = "ray"  # Flower's simulation backend (only ray)
     num_cpus: float = 1.0  # Ray CPUs reserved per client
     num_gpus: float | None = None  # Ray GPUs per client; None = 0.2 if CUDA is present, else 0
     threads: int = 1  # torch threads per client (one is fastest for small models)
-    ray_init_args: dict[str, Any] = field(default_factory=dict)
+    ray_init_args: dict[str, Any] = field(default_factory=dict)  # passed to ray.init
     round_timeout: float = 600.0  # seconds to wait for replies before a round goes on
     verbose: bool = False  # show Flower's and Ray's own logs
 
@@ -428,16 +448,23 @@ class PrivacyConfig:
 class Config:
     """One experiment. The defaults are the quick-start experiment."""
 
-    name: str = "quickstart"
-    seed: int = 0
-    rounds: int = 10
-    output_dir: str = "runs"
+    name: str = "quickstart"  # names the run folder: <output_dir>/<name>-<time>
+    seed: int = 0  # every random draw derives from it (splits, models, batches, noise)
+    rounds: int = 10  # federated rounds
+    output_dir: str = "runs"  # where run folders are created
     device: str = "auto"  # auto | cpu | cuda
+    # mixed precision: training forward passes under bfloat16 autocast (no loss scaling
+    # needed, so nothing to checkpoint); predictions, payloads and DP-SGD stay float32
+    amp: bool = False
     baseline: bool = True  # also train every student on its private data alone
     data: DataConfig = field(default_factory=DataConfig)
+    # how the private set is split over the clients: iid, dirichlet, pathological,
+    # shard, writer (FEMNIST's writers)
     partition: Spec = field(default_factory=lambda: Spec("dirichlet", {"alpha": 0.5}))
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    # the federated algorithm and its parameters (kd, local, fedavg, fedmd, feddf, dsfl,
+    # fd, cfd, cronus, pate, or your own by import path)
     strategy: Spec = field(
         default_factory=lambda: Spec(
             "kd", {"temperature": 3.0, "kd_weight": 0.5, "targets": "teacher", "weighted": False}
@@ -517,8 +544,17 @@ def _coerce(value: Any, hint: Any, path: str, default: Any = None) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, path, default)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], path, default)
+        first: ConfigError | None = None
+        for option in inner:  # e.g. float | Tensor (a torch optimizer's hints): any may take it
+            try:
+                return _coerce(value, option, path, default)
+            except ConfigError as err:
+                first = first or err
+        assert first is not None
+        raise first
     if hint is Spec:
         return Spec.parse(value, path)
     if hint is PublicSet:
@@ -571,6 +607,7 @@ _RUNTIME_HINTS = {
     "num_samples": "set data.private, data.public and data.test instead",
     "num_clients": "set clients.count instead",
     "labels": "the partitioner gets the private labels from the dataset",
+    "groups": "the partitioner gets the writer ids from the dataset (FEMNIST)",
     "input_shape": "the model gets it from the dataset",
     "num_classes": "the model gets it from the dataset",
 }

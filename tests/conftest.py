@@ -25,3 +25,12 @@ def _data_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
 def small_config(tmp_path) -> Config:
     """4 clients (MLP and CNN students), 3 rounds, 1,200 private MNIST-1D samples."""
     return load_config(None, [*SMALL, f"output_dir={tmp_path}"])
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A folder served over HTTP on 127.0.0.1 (see tests/http_server.py)."""
+    from tests.http_server import serve
+
+    with serve(tmp_path / "served") as srv:
+        yield srv

@@ -22,6 +22,8 @@ from fedkd.config import Config, ConfigError, PublicSet, load_config, save_confi
 from fedkd.data import FederatedData, build_federated_data, prepare_federated_data
 from fedkd.data.federation import check_data_config, data_key
 from fedkd.strategy import SERVER_STRATEGIES
+from tests.http_server import Server
+from tests.test_download import folder_blobs, targz
 
 TRAIN_PER_BATCH, TEST = 40, 50
 MARK = (0, 0, 0)  # channel, row, column of the test-set mark
@@ -95,8 +97,11 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(root: Path, *overrides: str) -> Config:
+    """CIFAR-10 from ``root``, not normalised (so arrays compare with the files as read;
+    the normalisation has tests of its own below)."""
     base = ["data.dataset=cifar10", f"data.root={root}", "data.private=120", "data.public=40"]
-    return load_config(None, [*base, "data.test=0", "clients.count=4", "partition=iid", *overrides])
+    more = ["data.test=0", "clients.count=4", "partition=iid", "data.normalize=false"]
+    return load_config(None, [*base, *more, *overrides])
 
 
 def rows(x: np.ndarray) -> set[bytes]:
@@ -170,7 +175,7 @@ def test_mnist_gzipped(root: Path) -> None:
     cfg = load_config(
         None,
         ["data.dataset=mnist", f"data.root={root}", "data.private=60", "data.public=30"]
-        + ["data.test=10", "clients.count=3", "partition=iid"],
+        + ["data.test=10", "clients.count=3", "partition=iid", "data.normalize=false"],
     )
     data = build_federated_data(cfg)
     assert data.input_shape == (1, 28, 28) and len(data.test_y) == 10
@@ -303,9 +308,49 @@ def test_missing_files_fail_fast(tmp_path: Path) -> None:
     message = str(err.value)
     assert str(tmp_path / "nowhere") in message
     assert "cifar-10-batches-py/data_batch_1" in message and "cifar-10-python.tar.gz" in message
-    with pytest.raises(ConfigError, match="downloading is not implemented yet") as err:
-        check_config(load_config(cfg, ["data.download=true"]))
-    assert err.value.field == "data.root"
+    assert "data.download = true" in message  # the key that allows the download
+
+
+def test_data_download_fetches_missing_files_before_anything_runs(
+    root: Path, tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data.download = true`` runs the real downloader (here from a local HTTP server
+    serving a tiny archive in the official layout) and the run's data is read from it."""
+    from fedkd.data import download as dl
+    from fedkd.simulation import check_config
+
+    blob = targz(folder_blobs(root / "cifar-10-batches-py", "cifar-10-batches-py/"))
+    served = server.add("cifar-10-python.tar.gz", blob)
+    (official,) = dl.RESOURCES["cifar10"]
+    local = dl.Resource(served.urls, served.md5, official.provides)
+    monkeypatch.setitem(dl.RESOURCES, "cifar10", (local,))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ConfigError):  # without the key: refused, nothing fetched
+        check_config(config(fresh))
+    assert server.hits == []
+    cfg = config(fresh, "data.download=true")
+    check_config(cfg)
+    assert server.hits == ["/cifar-10-python.tar.gz"]
+    data = build_federated_data(cfg)
+    assert data.test_x.shape == (TEST, 3, 32, 32)
+    check_config(cfg)  # present now: not fetched again
+    assert server.hits == ["/cifar-10-python.tar.gz"]
+
+
+def test_official_inputs_are_normalised_with_the_private_datasets_statistics(root: Path) -> None:
+    from fedkd.data.transforms import normalize
+
+    raw = build_federated_data(config(root, "data.public={dataset='cifar100', size=20}"))
+    cfg = config(root, "data.public={dataset='cifar100', size=20}", "data.normalize=true")
+    data = build_federated_data(cfg)
+    for split in ("private_x", "public_x", "test_x"):  # the proxy set with CIFAR-10's stats
+        np.testing.assert_allclose(
+            getattr(data, split), normalize(getattr(raw, split), "cifar10"), rtol=1e-6
+        )
+    np.testing.assert_array_equal(data.private_y, raw.private_y)
+    assert data_key(cfg) != data_key(config(root, "data.public={dataset='cifar100', size=20}"))
+    mnist1d = load_config(None, ["data.normalize=false"])
+    assert data_key(mnist1d) == data_key(load_config(None, []))  # offline data: untouched
 
 
 def test_missing_proxy_files(root: Path, tmp_path: Path) -> None:

@@ -240,6 +240,7 @@ OFFICIAL_SHAPES: dict[str, tuple[int, int, int]] = {
     "mnist": (1, 28, 28),
     "fashion_mnist": (1, 28, 28),
     "emnist": (1, 28, 28),
+    "femnist": (1, 28, 28),
     "cifar10": (3, 32, 32),
     "cifar100": (3, 32, 32),
     "svhn": (3, 32, 32),

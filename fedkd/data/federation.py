@@ -13,7 +13,15 @@ set is (a seeded subset of) the test split, private and public rows are disjoint
 seeded draws from the training split, so no test sample ever reaches a client.
 ``data.public`` may instead be a proxy set of its own, read from an official split
 (see :class:`fedkd.config.PublicSet`); its labels are kept only when it is labelled
-and shares the private label space, else ``public_y`` is all -1.
+and shares the private label space, else ``public_y`` is all -1. With
+``data.normalize`` (the default), an official dataset's private, public and test
+inputs are normalised with its published per-channel statistics
+(:mod:`fedkd.data.transforms`), a proxy set of another dataset with the *private*
+dataset's, so every model sees one input pipeline. ``data.download`` fetches missing
+official files first (:mod:`fedkd.data.download`).
+
+Where the dataset has writers (FEMNIST), ``private_groups`` holds each private row's
+writer id and partitioners that declare a ``groups`` parameter (``writer``) get it.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ import numpy as np
 from fedkd.config import Config, ConfigError, DataConfig, check_plugin_params
 from fedkd.data.datasets import DATASETS, OFFICIAL_SHAPES, OfficialDataset
 from fedkd.data.partition import PARTITIONERS
-from fedkd.data.readers import READERS, Split, expected_files, read_split
+from fedkd.data.readers import READERS, Split, expected_files, present_files, read_split
+from fedkd.data.transforms import normalize
 from fedkd.registry import bind_params
 from fedkd.seeding import derive_seed
 
@@ -65,6 +74,7 @@ class FederatedData:
     test_x: np.ndarray
     test_y: np.ndarray
     num_classes: int
+    private_groups: np.ndarray | None = None  # writer id of each private row (FEMNIST)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -91,8 +101,10 @@ class FederatedData:
         """Write atomically (parallel runs may share a cache directory)."""
         sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        groups = {} if self.private_groups is None else {"private_groups": self.private_groups}
         np.savez(
             tmp,
+            **groups,
             private_x=self.private_x,
             private_y=self.private_y,
             part_rows=np.concatenate(self.parts),
@@ -118,6 +130,7 @@ class FederatedData:
                 z["test_x"],
                 z["test_y"],
                 int(z["num_classes"]),
+                z["private_groups"] if "private_groups" in z.files else None,
             )
 
 
@@ -148,13 +161,17 @@ def data_key(config: Config) -> str:
     if reads:
         root = Path(d.root).expanduser().resolve()
         spec["root"] = str(root)
-        spec["files"] = {str(rel): _stat(root, rel) for _, split, rel in reads}
+        spec["files"] = {
+            str(rel): _stat(root, rel, READERS[name].pattern) for name, _, rel in reads
+        }
         spec["version"] = 2
+        if d.official and d.normalize:  # (a key without it: the arrays as read)
+            spec["normalize"] = "published per-channel mean/std, v1"
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 DATASET_RUNTIME = ("num_samples", "seed")
-PARTITION_RUNTIME = ("labels", "num_clients", "seed")
+PARTITION_RUNTIME = ("labels", "num_clients", "seed", "groups")
 OFFICIAL_RUNTIME = ("num_samples", "seed", "root", "split")
 
 
@@ -171,8 +188,15 @@ def official_reads(d: DataConfig) -> list[tuple[str, str, Path]]:
     return list(dict.fromkeys(out))
 
 
-def _stat(root: Path, rel: Path) -> list[Any]:
-    """[name, size, mtime_ns] of ``root / rel`` or of its gzipped twin."""
+def _stat(root: Path, rel: Path, pattern: str | None = None) -> list[Any]:
+    """[name, size, mtime_ns] of ``root / rel`` or of its gzipped twin.
+
+    For a folder of shards (``pattern`` given), that of every matching file, by name.
+    """
+    if pattern is not None:
+        folder = root / rel
+        shards = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        return [_stat(folder, Path(p.name)) for p in shards if p.is_file()]
     for path in (root / rel, root / rel.with_name(rel.name + ".gz")):
         if path.is_file():
             st = path.stat()
@@ -180,18 +204,17 @@ def _stat(root: Path, rel: Path) -> list[Any]:
     return [None]
 
 
-def _present(root: Path, rel: Path, gzip_ok: bool) -> bool:
-    path = root / rel
-    return path.is_file() or (gzip_ok and path.with_name(path.name + ".gz").is_file())
-
-
 def _require_files(d: DataConfig, name: str, split: str, options: dict[str, Any]) -> None:
     """Raise the readers' ConfigError on ``data.root`` if a file of the split is missing
-    (it names every file, the folder and where to get them; downloading is not
-    implemented yet). Only checks that the files exist (cheap); nothing is read."""
+    (it names every file, the folder and where to get them). With ``data.download``,
+    missing files are fetched first (:mod:`fedkd.data.download`). Otherwise only checks
+    that the files exist (cheap); nothing is read."""
     root = Path(d.root).expanduser()
-    rels = expected_files(name, split, **options)
-    if not all(_present(root, rel, READERS[name].gzip_ok) for rel in rels):
+    if d.download and present_files(name, root, split, **options)[1]:
+        from fedkd.data.download import download
+
+        download(name, root, [split], **options)
+    if present_files(name, root, split, **options)[1]:
         read_split(name, root, split, **options)  # raises before reading: a file is missing
 
 
@@ -206,17 +229,30 @@ def _same_labels(d: DataConfig) -> bool:
     """The proxy set shares the private label space: same dataset, same label options."""
     p = d.public.dataset
     assert p is not None
-    strip = lambda o: {k: v for k, v in o.items() if k != "upright"}  # noqa: E731
+    strip = lambda o: {k: v for k, v in o.items() if k not in ("upright", "invert")}  # noqa: E731
     return p.name == d.dataset.name and strip(p.params) == strip(d.dataset.params)
 
 
 def _same_files(d: DataConfig) -> bool:
+    """The proxy set is read from the rows of the private training split (same files,
+    and options that keep the same rows), so its rows are indexed as the private ones."""
+    return _shared_files(d) and _selection(d.public.dataset) == _selection(d.dataset)
+
+
+def _shared_files(d: DataConfig) -> bool:
     """The proxy set is read from the files of the private training split."""
     p = d.public.dataset
     if p is None or not d.official or d.public.split != "train":
         return False
     mine = expected_files(d.dataset.name, "train", **d.dataset.params)
     return p.name == d.dataset.name and expected_files(p.name, "train", **p.params) == mine
+
+
+def _selection(spec: Any) -> range | None:
+    """The labels whose rows a reader's options keep, for readers whose options drop rows
+    (FEMNIST's ``classes``); None where every row is kept."""
+    select = READERS[spec.name].selection
+    return None if select is None else select(**spec.params)
 
 
 def _check_official(config: Config) -> None:
@@ -251,6 +287,17 @@ def _check_proxy(config: Config) -> None:
             f"{p.name}'s test split is the test set; a proxy set of the private dataset must "
             "come from another split (e.g. train, disjoint from the private rows)",
         )
+    if _shared_files(d) and not _same_files(d):
+        mine, theirs = _selection(d.dataset), _selection(p)
+        if mine is None or theirs is None or set(mine) & set(theirs):
+            raise ConfigError(
+                "data.public",
+                f"the proxy set {p} and the private data {d.dataset} are both read from "
+                f"{p.name}'s train split with options that keep different but overlapping "
+                "rows, so the proxy set could hold private samples; use the same options, "
+                'options that keep disjoint classes (e.g. classes = "digits" and '
+                '"letters"), or a proxy set from another dataset',
+            )
     if d.public.labelled:
         if d.public.split == "unlabeled":
             raise ConfigError("data.public.labelled", f"{p.name} {d.public.split} has no labels")
@@ -299,10 +346,34 @@ def check_data_config(config: Config) -> None:
     params = config.partition.params
     check_plugin_params(partitioner, params, "partition", PARTITION_RUNTIME)
     bind_params(partitioner, params, "partition", PARTITION_RUNTIME)
+    if _groups_param(partitioner) == "required" and not _has_groups(d):
+        raise ConfigError(
+            "partition",
+            f"{config.partition.name!r} splits the private set by writer, but "
+            f"{d.dataset.name!r} has no writer ids; datasets with writers: "
+            f"{', '.join(n for n, r in READERS.items() if r.groups)} "
+            "(use e.g. partition=iid or partition=dirichlet for others)",
+        )
     precheck = getattr(partitioner, "precheck", None)
     if callable(precheck):
         full = {**_defaults(partitioner, PARTITION_RUNTIME), **params}
         precheck(d.private, config.clients.count, **full)
+
+
+def _has_groups(d: DataConfig) -> bool:
+    """The private samples carry writer ids (an official dataset whose reader has them)."""
+    return d.official and READERS[d.dataset.name].groups
+
+
+def _groups_param(fn: Any) -> str | None:
+    """How a partitioner takes writer ids: "required", "optional" or None (not at all)."""
+    try:
+        param = inspect.signature(fn).parameters.get("groups")
+    except (TypeError, ValueError):
+        return None
+    if param is None or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+        return None
+    return "required" if param.default is param.empty else "optional"
 
 
 def _defaults(fn: Any, runtime: tuple[str, ...]) -> dict[str, Any]:
@@ -425,6 +496,7 @@ def _build_official(config: Config) -> FederatedData:
         test.x[test_rows],
         test.y[test_rows],
         train.num_classes,
+        None if train.groups is None else train.groups[priv],
     )
 
 
@@ -437,12 +509,13 @@ def _read_proxy(
     """The proxy set's inputs and labels (-1 unless labelled in the private label space).
 
     ``train`` and ``rows`` are given when the proxy set shares the private training
-    split's files: ``rows`` are then its rows there, disjoint from the private ones.
+    split's rows: ``rows`` are then its rows there, disjoint from the private ones (read
+    again when options such as ``upright`` or ``invert`` change how they look).
     """
     d = config.data
     p = d.public.dataset
     assert p is not None
-    if train is not None and rows is not None and _same_labels(d):
+    if train is not None and rows is not None and p.params == d.dataset.params:
         x, y = train.x[rows], train.y
         y = None if y is None else y[rows]
     else:
@@ -476,14 +549,27 @@ def _federate(
     test_x: np.ndarray,
     test_y: np.ndarray,
     num_classes: int,
+    private_groups: np.ndarray | None = None,
 ) -> FederatedData:
-    """Partition the private split over the clients and assemble the splits."""
+    """Partition the private split over the clients and assemble the splits.
+
+    ``private_groups`` (writer ids) goes to partitioners that declare ``groups``.
+    """
     d = config.data
     partition = PARTITIONERS.get(config.partition.name)
+    runtime: dict[str, Any] = {}
+    wants = _groups_param(partition)
+    if wants == "required" and private_groups is None:
+        raise ConfigError(
+            "partition", f"{config.partition.name!r} needs writer ids; this data has none"
+        )
+    if wants is not None:
+        runtime["groups"] = private_groups
     parts = partition(
         private_y,
         config.clients.count,
         derive_seed(config.seed, "partition"),
+        **runtime,
         **config.partition.params,
     )
     _check_parts(config, parts)
@@ -496,8 +582,20 @@ def _federate(
             d.private,
             d.private - assigned,
         )
+    if d.official and d.normalize:  # one input pipeline: the proxy set too, with these stats
+        private_x, public_x, test_x = (
+            normalize(a, d.dataset.name) for a in (private_x, public_x, test_x)
+        )
     return FederatedData(
-        private_x, private_y, parts, public_x, public_y, test_x, test_y, num_classes
+        private_x,
+        private_y,
+        parts,
+        public_x,
+        public_y,
+        test_x,
+        test_y,
+        num_classes,
+        private_groups,
     )
 
 

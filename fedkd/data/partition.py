@@ -4,6 +4,11 @@ Each partitioner maps the private labels to one index array per client. We wrap
 ``flwr_datasets.partitioner`` classes (applied to a one-column ``datasets.Dataset``
 of labels) rather than re-implementing them, then check every client got data.
 
+A partitioner that declares a ``groups`` parameter also gets the writer id of every
+private sample (an array, or None for datasets without writers; only FEMNIST has them):
+``writer`` splits by it. Declared without a default, ``groups`` is required, and fedkd
+rejects the partitioner for datasets without writers before generating any data.
+
 A partitioner may carry a ``precheck(num_samples, num_clients, **params)`` attribute
 (every parameter, defaults filled in): fedkd calls it before generating any data, and
 it raises :class:`~fedkd.config.ConfigError` for settings that cannot work. A
@@ -320,3 +325,83 @@ def _check_shard(num_samples: int, num_clients: int, shards_per_client: int = 2)
 
 
 shard.precheck = _check_shard  # type: ignore[attr-defined]
+
+
+#: datasets whose samples carry a writer id (``groups``)
+WRITER_DATASETS = ("femnist",)
+
+
+@PARTITIONERS.register("writer")
+def writer(
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int,
+    groups: np.ndarray | None,
+    writers_per_client: int = 0,
+) -> list[np.ndarray]:
+    """LEAF's natural split: each client holds the private samples of whole writers.
+
+    ``groups`` is every private sample's writer id (FEMNIST). The writers are shuffled
+    with the seed and dealt out: with ``writers_per_client = 0`` (default) all of them,
+    round-robin over the clients (client sizes then follow the writers'); with k > 0
+    each client gets exactly k writers and the remaining writers' samples belong to no
+    client. Also registered as ``natural``.
+    """
+    _check_writer(len(labels), num_clients, writers_per_client)
+    if groups is None:
+        raise ConfigError(
+            "partition",
+            "the writer partitioner splits the private set by writer, but this dataset has "
+            f"no writer ids; datasets with writers: {', '.join(WRITER_DATASETS)} "
+            "(use e.g. partition=iid or partition=dirichlet for others)",
+        )
+    groups = np.asarray(groups)
+    if groups.shape != (len(labels),):
+        raise ValueError(f"{groups.shape[0]} writer ids for {len(labels)} private samples")
+    names, writer_of = np.unique(groups, return_inverse=True)
+    need = num_clients * max(writers_per_client, 1)
+    if len(names) < need:
+        fits = len(names) // max(writers_per_client, 1)
+        raise ConfigError(
+            "partition",
+            f"the private set's {len(labels)} samples come from {len(names)} writers, but "
+            + (
+                f"clients.count={num_clients} x partition.writers_per_client="
+                f"{writers_per_client} needs {need}"
+                if writers_per_client
+                else f"clients.count={num_clients} needs one writer per client"
+            )
+            + f"; use clients.count <= {fits}"
+            + (", fewer partition.writers_per_client" if writers_per_client else "")
+            + " or a larger data.private",
+        )
+    dealt = np.random.default_rng(seed).permutation(len(names))
+    client_of = np.full(len(names), -1, dtype=np.int64)
+    if writers_per_client:
+        client_of[dealt[:need]] = np.arange(need) // writers_per_client
+    else:
+        client_of[dealt] = np.arange(len(names)) % num_clients
+    client = client_of[writer_of.reshape(-1)]
+    rows = np.argsort(client, kind="stable")  # by client, each client's rows ascending
+    counts = np.bincount(client[client >= 0], minlength=num_clients)
+    start = int(np.count_nonzero(client < 0))
+    return [part.astype(np.int64) for part in np.split(rows[start:], np.cumsum(counts)[:-1])]
+
+
+def _check_writer(num_samples: int, num_clients: int, writers_per_client: int = 0) -> None:
+    _check_count(num_samples, num_clients)
+    if writers_per_client < 0:
+        raise ConfigError(
+            "partition.writers_per_client",
+            f"must be >= 0 (0: deal all writers over the clients), got {writers_per_client}",
+        )
+    if writers_per_client * num_clients > num_samples:
+        raise ConfigError(
+            "partition.writers_per_client",
+            f"{num_clients} clients x {writers_per_client} writers need at least "
+            f"{num_clients * writers_per_client} private samples, data.private is {num_samples}",
+        )
+
+
+writer.precheck = _check_writer  # type: ignore[attr-defined]
+PARTITIONERS.register("natural")(writer)

@@ -1,9 +1,10 @@
 """Readers of the official on-disk formats of common image-classification datasets.
 
 Files are looked up in torchvision's standard layout under a root folder, so a folder
-that torchvision already downloaded works as is; nothing here downloads. Every reader
-returns one official split as a :class:`Split`: ``x`` float32 in [0, 1] shaped
-(N, C, H, W) and ``y`` int64 class indices from 0 (no normalisation).
+that torchvision already downloaded works as is (FEMNIST: in LEAF's layout, see
+:mod:`fedkd.data.femnist`); nothing here downloads. Every reader returns one official
+split as a :class:`Split`: ``x`` float32 in [0, 1] shaped (N, C, H, W), ``y`` int64
+class indices from 0 (no normalisation) and, for FEMNIST, ``groups``: each row's writer.
 
 ==================  =============================================  ======================
 name                files under the root                           splits
@@ -11,6 +12,7 @@ name                files under the root                           splits
 ``mnist``           ``MNIST/raw/{train,t10k}-*-idx?-ubyte[.gz]``   train, test
 ``fashion_mnist``   ``FashionMNIST/raw/...`` (same names)          train, test
 ``emnist``          ``EMNIST/raw/emnist-<subset>-{train,test}-*``  train, test
+``femnist``         ``femnist/data/{train,test}/*.json`` (LEAF)    train, test
 ``cifar10``         ``cifar-10-batches-py/``                       train, test
 ``cifar100``        ``cifar-100-python/``                          train, test
 ``svhn``            ``{train,test,extra}_32x32.mat``               train, test, extra
@@ -20,10 +22,11 @@ name                files under the root                           splits
 Full-size splits are large in float32 (STL-10 ``unlabeled``: 100,000 x 27,648 values,
 about 11 GB); each reader holds the uint8 file data and the float32 copy at its peak.
 
-Use :func:`read_split` to read and :func:`expected_files` to list what a split needs.
-A missing file raises :class:`~fedkd.config.ConfigError` on ``data.root``; a file that
-is present but malformed raises :class:`CorruptFileError` (a ConfigError on the same
-field) naming the file and the fault.
+Use :func:`read_split` to read and :func:`expected_files` to list what a split needs
+(for FEMNIST, the split's folder: every ``*.json`` shard in it is read). A missing file
+raises :class:`~fedkd.config.ConfigError` on ``data.root``; a file that is present but
+malformed raises :class:`CorruptFileError` (a ConfigError on the same field) naming the
+file and the fault.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from fedkd.config import ConfigError
+from fedkd.data import femnist
 
 __all__ = [
     "READERS",
@@ -50,6 +54,7 @@ __all__ = [
     "Split",
     "expected_files",
     "read_idx",
+    "present_files",
     "read_split",
 ]
 
@@ -59,25 +64,27 @@ FIELD = "data.root"
 class CorruptFileError(ConfigError):
     """A data file exists but does not hold what its official format says."""
 
-    def __init__(self, path: Path, problem: str) -> None:
+    def __init__(self, path: Path, problem: str, remedy: str = "") -> None:
         self.path = Path(path)
+        remedy = remedy or "delete it and download it again (data.download = true)"
         super().__init__(
-            FIELD,
-            f"{path} is corrupt or not in the expected format: {problem}; "
-            "delete it and download it again (data.download = true)",
+            FIELD, f"{path} is corrupt or not in the expected format: {problem}; {remedy}"
         )
 
 
-#: where to get each official dataset's files (fedkd does not download them yet)
-SOURCES: dict[str, str] = {
-    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (torchvision's mirror)",
-    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    "emnist": "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip (unzip into EMNIST/raw)",
-    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (untar under the root)",
-    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (untar under the root)",
-    "svhn": "http://ufldl.stanford.edu/housenumbers/ (the *_32x32.mat files)",
-    "stl10": "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz (untar under the root)",
-}
+#: where to get the files of official datasets that fedkd cannot download itself
+#: (the others: :data:`fedkd.data.download.RESOURCES`)
+MANUAL_SOURCES: dict[str, str] = {"femnist": femnist.SOURCE}
+
+
+def where_to_get(key: str) -> str:
+    """How to get dataset ``key``'s files: ``data.download = true`` and its URLs, or the
+    manual route for datasets fedkd cannot download."""
+    if key in MANUAL_SOURCES:
+        return f"fedkd cannot download them: get them from {MANUAL_SOURCES[key]}"
+    from fedkd.data.download import describe  # (download imports this module)
+
+    return f"set data.download = true to fetch them, or get them from {describe(key)}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,8 @@ class Split:
 
     ``y`` is None only for splits without labels (STL-10's ``unlabeled``).
     ``classes[k]`` names class k; ``source`` is the folder the ``files`` were read from.
+    ``groups`` is each row's writer id (str) for datasets that have writers (FEMNIST),
+    else None.
     """
 
     x: np.ndarray
@@ -93,6 +102,7 @@ class Split:
     classes: tuple[str, ...]
     source: Path
     files: tuple[Path, ...]
+    groups: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -446,8 +456,15 @@ class _Reader:
     title: str
     splits: tuple[str, ...]
     files: Callable[..., list[Path]]  # (split, **options) -> relative paths
-    read: Callable[..., tuple[np.ndarray, np.ndarray | None, tuple]]  # (files, split, **opts)
+    # (files, split, **options) -> (x, y, classes), or (x, y, classes, groups) with `groups`
+    read: Callable[..., tuple[Any, ...]]
     gzip_ok: bool = False
+    # `files` names folders: every file matching this glob in them is read, sorted by name
+    pattern: str | None = None
+    groups: bool = False  # rows carry a writer id (Split.groups)
+    # (**options) -> the labels whose rows the options keep, where options drop rows
+    selection: Callable[..., range] | None = None
+    layout: str = "torchvision's layout"
 
 
 READERS: dict[str, _Reader] = {
@@ -462,6 +479,16 @@ READERS: dict[str, _Reader] = {
         True,
     ),
     "emnist": _Reader("EMNIST", ("train", "test"), _emnist_files, _read_emnist, True),
+    "femnist": _Reader(
+        "FEMNIST",
+        ("train", "test"),
+        femnist.femnist_files,
+        femnist.read_femnist,
+        pattern=femnist.PATTERN,
+        groups=True,
+        selection=femnist.femnist_selection,
+        layout="LEAF's layout",
+    ),
     "cifar10": _Reader("CIFAR-10", ("train", "test"), _cifar10_files, _read_cifar10),
     "cifar100": _Reader("CIFAR-100", ("train", "test"), _cifar100_files, _read_cifar100),
     "svhn": _Reader(
@@ -497,9 +524,44 @@ def expected_files(name: str, split: str, **options: Any) -> list[Path]:
     """The files :func:`read_split` needs, relative to the root (torchvision's layout).
 
     idx files (MNIST, Fashion-MNIST, EMNIST) may also be present gzipped, as ``name.gz``.
+    For FEMNIST this is the split's folder: every ``*.json`` shard in it is read.
     """
     _, reader = _reader(name, split, options)
     return reader.files(split, **options)
+
+
+def present_files(
+    name: str, root: str | Path, split: str, **options: Any
+) -> tuple[list[Path], list[Path]]:
+    """(files that :func:`read_split` would read, expected paths that are missing).
+
+    Paths are under ``root``: an idx file's gzipped twin stands in for it; a folder of
+    shards (FEMNIST) gives its matching files, sorted by name, or is missing if it has
+    none (reported as ``folder/*.json``). Only looks at the file system; reads nothing.
+    """
+    root = Path(root)
+    _, reader = _reader(name, split, options)
+    found: list[Path] = []
+    missing: list[Path] = []
+    for rel in reader.files(split, **options):
+        path = root / rel
+        if reader.pattern is not None:
+            shards = _matching(path, reader.pattern)
+            found += shards
+            if not shards:
+                missing.append(path / reader.pattern)
+            continue
+        if not path.is_file() and reader.gzip_ok and path.with_name(path.name + ".gz").is_file():
+            path = path.with_name(path.name + ".gz")
+        (found if path.is_file() else missing).append(path)
+    return found, missing
+
+
+def _matching(folder: Path, pattern: str) -> list[Path]:
+    """Files in ``folder`` matching ``pattern``, sorted by name (none if it is no folder)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(pattern) if p.is_file())
 
 
 def read_split(name: str, root: str | Path, split: str, **options: Any) -> Split:
@@ -507,28 +569,28 @@ def read_split(name: str, root: str | Path, split: str, **options: Any) -> Split
 
     Options: EMNIST ``subset`` (balanced, byclass, bymerge, letters, digits, mnist;
     default balanced) and ``upright`` (default True); CIFAR-100 ``labels`` (fine or
-    coarse). Raises :class:`ConfigError` on ``data.root`` naming every expected file
-    when any is missing, and :class:`CorruptFileError` for a malformed file.
+    coarse); FEMNIST ``classes`` (all, digits, letters, uppercase, lowercase; default
+    all) and ``invert`` (default True: MNIST's convention, ink high). Raises
+    :class:`ConfigError` on ``data.root`` naming every expected file when any is
+    missing, and :class:`CorruptFileError` for a malformed file.
     """
     root = Path(root)
     key, reader = _reader(name, split, options)
     relative = reader.files(split, **options)
-    found, missing = [], []
-    for rel in relative:
-        path = root / rel
-        if not path.is_file() and reader.gzip_ok and path.with_name(path.name + ".gz").is_file():
-            path = path.with_name(path.name + ".gz")
-        (found if path.is_file() else missing).append(path)
+    if reader.pattern is not None:
+        relative = [rel / reader.pattern for rel in relative]
+    found, missing = present_files(key, root, split, **options)
     if missing:
         gz = " (the idx files may also be gzipped, with .gz appended)" if reader.gzip_ok else ""
         raise ConfigError(
             FIELD,
             f"{reader.title} {split} split not found in folder {root}: it needs "
-            f"{', '.join(str(p) for p in relative)}{gz} in torchvision's layout under it, "
+            f"{', '.join(str(p) for p in relative)}{gz} in {reader.layout} under it, "
             f"and {', '.join(str(p.relative_to(root)) for p in missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing; downloading is not implemented yet "
-            f"(data.download = true cannot fetch them): get them from {SOURCES[key]}, or "
+            f"{'is' if len(missing) == 1 else 'are'} missing; {where_to_get(key)}, or "
             "point data.root at a folder that holds them.",
         )
-    x, y, classes = reader.read(found, split, **options)
-    return Split(x, y, tuple(classes), found[0].parent, tuple(found))
+    x, y, classes, *rest = reader.read(found, split, **options)
+    groups = rest[0] if rest else None
+    source = root / reader.files(split, **options)[0] if reader.pattern else found[0].parent
+    return Split(x, y, tuple(classes), source, tuple(found), groups)
