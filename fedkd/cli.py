@@ -71,31 +71,29 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.items)
 
 
+#: input shapes of the default model table: MNIST-1D, the MNIST family, CIFAR/SVHN
+LIST_SHAPES = ("40", "1x28x28", "3x32x32")
+
+
 def _list(args: argparse.Namespace) -> int:
     from fedkd.aggregators import AGGREGATORS
-    from fedkd.config import Spec
     from fedkd.data import DATASETS, PARTITIONERS
     from fedkd.losses import KD_LOSSES
-    from fedkd.models import MODELS, build_model
+    from fedkd.models import MODELS
+    from fedkd.recipes import SCHEDULES
     from fedkd.strategy import CLIENT_STRATEGIES, SERVER_STRATEGIES
+    from fedkd.training import OPTIMIZERS
 
+    texts = LIST_SHAPES if args.input is None else (args.input,)
     try:
-        shape = tuple(int(d) for d in args.input.lower().split("x"))
-        if not shape or min(shape) < 1 or args.classes < 1:
+        shapes = [tuple(int(d) for d in text.lower().split("x")) for text in texts]
+        if any(not s or min(s) < 1 for s in shapes) or args.classes < 1:
             raise ValueError
     except ValueError:
         print(
             f"fedkd list: --input must look like 40 or 3x32x32, got {args.input!r}", file=sys.stderr
         )
         return 2
-
-    def params(name: str) -> str:
-        try:
-            model = build_model(Spec(name), shape, args.classes, seed=0)
-        except (ValueError, TypeError, RuntimeError):  # the model cannot take this shape
-            return f"{name} (n/a)"
-        return f"{name} ({sum(p.numel() for p in model.parameters()):,})"
-
     for label, reg in (
         ("strategies", SERVER_STRATEGIES),
         ("client strategies", CLIENT_STRATEGIES),
@@ -104,15 +102,36 @@ def _list(args: argparse.Namespace) -> int:
         ("partitioners", PARTITIONERS),
         ("kd losses", KD_LOSSES),
         ("aggregators", AGGREGATORS),
+        ("optimizers", OPTIMIZERS),
+        ("schedules", SCHEDULES),
     ):
-        if reg is MODELS:
-            sizes = ", ".join(params(name) for name in MODELS.names())
+        if reg is MODELS and args.input is not None:
+            sizes = ", ".join(f"{n} ({_size(n, shapes[0], args.classes)})" for n in MODELS.names())
             print(
                 f"{label:18} {sizes}  [parameters for input {args.input}, {args.classes} classes]"
             )
+        elif reg is MODELS:
+            print(f"{label:18} parameters for {args.classes} classes, by input shape:")
+            print(f"{'':18}   {'':16}" + "".join(f"{t:>12}" for t in texts))
+            for n in MODELS.names():
+                row = "".join(f"{_size(n, shape, args.classes):>12}" for shape in shapes)
+                print(f"{'':18}   {n:16}{row}")
         else:
             print(f"{label:18} {', '.join(reg.names())}")
     return 0
+
+
+def _size(name: str, shape: tuple[int, ...], classes: int) -> str:
+    """Parameter count of model ``name`` for ``shape`` and ``classes`` ("n/a" if it
+    cannot take that input)."""
+    from fedkd.config import Spec
+    from fedkd.models import build_model
+
+    try:
+        model = build_model(Spec(name), shape, classes, seed=0)
+    except (ValueError, TypeError, RuntimeError):
+        return "n/a"
+    return f"{sum(p.numel() for p in model.parameters()):,}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["bench"]:  # the benchmark parses its own options
         return _bench(argparse.Namespace(items=args_list[1:]))
     lst = sub.add_parser("list", help="list registered plug-ins")
-    lst.add_argument("--input", default="40", help="input shape for model sizes, e.g. 3x32x32")
+    lst.add_argument(
+        "--input",
+        default=None,
+        help="one input shape for model sizes, e.g. 3x32x32 (default: 40, 1x28x28, 3x32x32)",
+    )
     lst.add_argument("--classes", type=int, default=10, help="classes for model sizes")
     lst.set_defaults(fn=_list)
     args, rest = parser.parse_known_args(args_list)  # `run cfg.toml -q k=v`: items after -q

@@ -18,6 +18,7 @@ import torch
 from fedkd.config import Config, Spec, parse_id_range
 from fedkd.contracts import check_metrics, check_payload
 from fedkd.data import load_federated_data
+from fedkd.data.transforms import train_augment
 from fedkd.faults import byzantine_clients, byzantine_payload, flip_labels
 from fedkd.models import build_model
 from fedkd.payloads import Payload, PayloadError
@@ -117,6 +118,7 @@ class ClientRuntime:
         for cid in range(config.clients.count):
             client_strategy(config, cid)
         self.byzantine = frozenset(byzantine_clients(config))
+        self.augment = train_augment(config.data)
         torch.set_num_threads(config.simulation.threads)
 
     def warm_up(self) -> None:
@@ -178,6 +180,9 @@ class ClientRuntime:
             seed=cfg.seed,
             strategy_name=type(strategy).__name__,
             rounds=cfg.rounds,
+            augment=self.augment,
+            augment_generator=torch_generator(cfg.seed, "augment", rnd, cid),
+            amp=cfg.amp,
         )
 
     def fit(self, cid: int, rnd: int, targets: Payload | None, public_idx: np.ndarray) -> FitReply:

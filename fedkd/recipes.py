@@ -116,12 +116,20 @@ class Recipe:
     label_smoothing: float = 0.0
     round: int = 1
     rounds: int = 1
+    amp: bool = False  # training forward passes under bfloat16 autocast
 
     @classmethod
-    def of(cls, settings: ClientsConfig | ServerConfig, round: int, rounds: int) -> Recipe:
+    def of(
+        cls, settings: ClientsConfig | ServerConfig, round: int, rounds: int, amp: bool = False
+    ) -> Recipe:
         """The recipe of ``[clients]`` or ``[server]`` for round ``round`` of ``rounds``."""
         smoothing = getattr(settings, "label_smoothing", 0.0)  # the server only distills
-        return cls(settings.schedule, settings.grad_clip, smoothing, round, rounds)
+        return cls(settings.schedule, settings.grad_clip, smoothing, round, rounds, amp)
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The context of a training forward pass: bfloat16 autocast on ``device`` when
+        ``amp`` is on (bfloat16 keeps float32's range: no loss scaler, no state)."""
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     @property
     def clock(self) -> str:

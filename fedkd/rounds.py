@@ -25,6 +25,7 @@ from fedkd.client import FitReply, TargetsError, resolve_device, student_spec
 from fedkd.config import Config
 from fedkd.contracts import check_metrics, check_payload, min_usable, one_line
 from fedkd.data import FederatedData
+from fedkd.data.transforms import train_augment
 from fedkd.faults import RoundFaults, byzantine_clients, plan_round
 from fedkd.models import build_model
 from fedkd.payloads import Payload, PayloadError
@@ -142,6 +143,7 @@ class Federation:
             generator=torch_generator(config.seed, "server", 0),
             device=device,
             privacy=PrivacyLedger(config, data.part_sizes),
+            augment=train_augment(config.data),
         )
         self.noise = NoiseSource(config.seed, config.privacy.secure_noise)
         p = config.privacy
@@ -254,6 +256,7 @@ class Federation:
         idx = public_indices(cfg, rnd)
         server.public_idx = idx
         server.generator = torch_generator(cfg.seed, "server", rnd)
+        server.augment_generator = torch_generator(cfg.seed, "server-augment", rnd)
         torch.manual_seed(derive_seed(cfg.seed, "server-global", rnd))
         cids = self._sample(rnd)
         assert server.privacy is not None

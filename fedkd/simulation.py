@@ -165,6 +165,10 @@ def _prepare(cfg: Config) -> tuple[FederatedData, Path]:
     PrivacyLedger(cfg, data.part_sizes).check_start(sample_clients(cfg, 1))
     from fedkd.privacy.guard import preflight
 
+    if cfg.privacy.mechanism == "dpsgd":
+        from fedkd.privacy.dpsgd import check_models
+
+        check_models(cfg, data.input_shape, data.num_classes)
     preflight(cfg, data)  # no client strategy may train in the clear under DP-SGD
     return data, data_path
 
@@ -205,9 +209,19 @@ def run(
     _say(
         quiet,
         f"fedkd: {cfg.name}: {cfg.clients.count} clients, {cfg.rounds} rounds, strategy "
-        f"{cfg.strategy}; results in {out.path}",
+        f"{cfg.strategy}{_device_note(cfg)}; results in {out.path}",
     )
     return _execute(cfg, data, data_path, out, Federation(cfg, data), quiet=quiet, t0=t0)
+
+
+def _device_note(cfg: Config) -> str:
+    """``, on cuda with bfloat16 autocast``: said when not the plain CPU default."""
+    from fedkd.client import resolve_device
+
+    device = resolve_device(cfg)
+    if device.type == "cpu" and not cfg.amp:
+        return ""
+    return f", on {device.type}" + (" with bfloat16 autocast (amp)" if cfg.amp else "")
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = None) -> RunResult:

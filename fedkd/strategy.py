@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -48,6 +48,7 @@ from fedkd.config import (
     Spec,
     from_dict,
 )
+from fedkd.data.transforms import Augment
 from fedkd.losses import make_kd_loss
 from fedkd.models import build_model
 from fedkd.payloads import ClassLogits, Logits, Payload, PayloadError, SoftLabels, Weights
@@ -138,6 +139,16 @@ def load_weights(model: nn.Module, weights: Weights) -> None:
     )
 
 
+def _augmenter(
+    augment: Augment, generator: torch.Generator | None, fallback: torch.Generator
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``augment`` drawing from ``generator`` (else ``fallback``); None when it is off."""
+    if not augment:
+        return None
+    gen = generator if generator is not None else fallback
+    return lambda x: augment(x, gen)
+
+
 _STORED = "__fedkd_stored__"  # the stored values' key in a node's pickled state
 
 
@@ -185,6 +196,11 @@ class ClientNode:
     seed: int = 0  # the run seed (DP-SGD noise is derived from it)
     strategy_name: str = "the client strategy"
     rounds: int = 1  # the run's rounds (the length of a schedule's round clock)
+    # train-time augmentation of private batches (data.augment; fixed under DP-SGD, as
+    # it sees the private batches) and its own generator
+    augment: Augment = Locked(Augment())  # type: ignore[assignment]
+    augment_generator: torch.Generator | None = None
+    amp: bool = False  # training under bfloat16 autocast (the config's amp)
 
     def __post_init__(self) -> None:
         # what DP-SGD may train: the student and optimizer as the runtime built them
@@ -241,7 +257,11 @@ class ClientNode:
     @property
     def recipe(self) -> Recipe:
         """``[clients]``' schedule, clipping and label smoothing, at this round."""
-        return Recipe.of(self.settings, self.round, self.rounds)
+        return Recipe.of(self.settings, self.round, self.rounds, self.amp)
+
+    def augmenter(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``augment`` as a batch -> batch function on its own generator (None if off)."""
+        return _augmenter(self.augment, self.augment_generator, self.generator)
 
     @property
     def dpsgd(self) -> bool:
@@ -273,8 +293,11 @@ class ClientNode:
         epochs: int | None = None,
         kd: KDTargets | ClassKDTargets | None = None,
         kd_weight: float = 0.0,
+        augment: bool = False,
     ) -> Metrics:
-        """Epochs of cross-entropy on (x, y), optionally mixed with a KD term.
+        """Epochs of cross-entropy on (x, y), optionally mixed with a KD term;
+        ``augment`` applies the run's train-time augmentation to the batches of ``x``
+        (:meth:`train_private` does; a strategy training on public inputs may ask).
 
         Not for the private data while it is sealed (use :meth:`train_private`)."""
         if self.sealed and _shares_memory(x, stored(self, "x")):
@@ -290,6 +313,7 @@ class ClientNode:
             kd=kd,
             kd_weight=kd_weight,
             recipe=self.recipe,
+            augment=self.augmenter() if augment else None,
         )
 
     def train_private(
@@ -313,7 +337,7 @@ class ClientNode:
         elif isinstance(kd, ClassLogits):
             targets = self.class_kd_targets(kd, temperature, loss or "soft_kl")
         x, y = self.private_data()
-        return self.train_on(x, y, epochs=epochs, kd=targets, kd_weight=kd_weight)
+        return self.train_on(x, y, epochs=epochs, kd=targets, kd_weight=kd_weight, augment=True)
 
     def _train_private_dp(
         self,
@@ -365,8 +389,10 @@ class ClientNode:
         epochs: int,
         temperature: float = 1.0,
         loss: str | None = None,
+        augment: bool = False,
     ) -> Metrics:
-        """Epochs of pure distillation towards ``targets`` on the public inputs."""
+        """Epochs of pure distillation towards ``targets`` on the public inputs
+        (augmented by the run's train-time augmentation if ``augment``)."""
         return distill(
             self.model,
             self.optimizer,
@@ -375,6 +401,7 @@ class ClientNode:
             batch_size=self.settings.batch_size,
             generator=self.generator,
             recipe=self.recipe,
+            augment=self.augmenter() if augment else None,
         )
 
     def public_logits(self, idx: np.ndarray) -> np.ndarray:
@@ -445,6 +472,8 @@ class ServerNode:
     privacy: PrivacyLedger | None = None  # privacy spent so far (strategies may add to it)
     state: dict[str, Any] = field(default_factory=dict)
     aggregations: int = 0  # calls of combine() so far (the summary says if the aggregator ran)
+    augment: Augment = field(default_factory=Augment)  # used where a strategy asks for it
+    augment_generator: torch.Generator | None = None
 
     @property
     def settings(self) -> ServerConfig:
@@ -453,7 +482,7 @@ class ServerNode:
     @property
     def recipe(self) -> Recipe:
         """``[server]``'s schedule and clipping, at this round."""
-        return Recipe.of(self.settings, self.round, self.config.rounds)
+        return Recipe.of(self.settings, self.round, self.config.rounds, self.config.amp)
 
     def student_spec(self, cid: int) -> Spec:
         """Client ``cid``'s student architecture."""
@@ -535,9 +564,11 @@ class ServerNode:
         temperature: float = 1.0,
         epochs: int | None = None,
         loss: str | None = None,
+        augment: bool = False,
     ) -> Metrics:
         """Distill ``model`` towards ``targets`` on the public inputs
-        (``server.epochs`` passes by default, batches of ``server.batch_size``)."""
+        (``server.epochs`` passes by default, batches of ``server.batch_size``;
+        augmented by the run's train-time augmentation if ``augment``)."""
         return distill(
             model,
             optimizer,
@@ -546,14 +577,21 @@ class ServerNode:
             batch_size=self.settings.batch_size,
             generator=self.generator,
             recipe=self.recipe,
+            augment=_augmenter(self.augment, self.augment_generator, self.generator)
+            if augment
+            else None,
         )
 
-    def distill_teacher(self, targets: Logits | SoftLabels, *, temperature: float) -> Metrics:
+    def distill_teacher(
+        self, targets: Logits | SoftLabels, *, temperature: float, augment: bool = False
+    ) -> Metrics:
         """``server.epochs`` of distillation of the teacher towards ``targets``."""
         if self.teacher is None or self.optimizer is None:
             raise RuntimeError("this strategy declared uses_teacher = False")
         self.teacher_updates += 1
-        return self.distill_into(self.teacher, self.optimizer, targets, temperature=temperature)
+        return self.distill_into(
+            self.teacher, self.optimizer, targets, temperature=temperature, augment=augment
+        )
 
     def teacher_logits(self, idx: np.ndarray) -> Logits:
         if self.teacher is None:

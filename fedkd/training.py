@@ -6,6 +6,7 @@ batch is kept, so every private sample is seen and runs are reproducible.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,7 @@ def train_supervised(
     kd: KDTargets | ClassKDTargets | None = None,
     kd_weight: float = 0.0,
     recipe: Recipe | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Cross-entropy on (x, y), optionally mixed with a distillation term.
 
@@ -77,7 +79,9 @@ def train_supervised(
     each private batch is paired with a random public batch of the same size; with
     :class:`ClassKDTargets` the KD term is on the private batch itself, towards the
     target logits of each sample's class. ``recipe`` (:mod:`fedkd.recipes`) sets the
-    rate before each step, clips gradients and smooths the CE labels.
+    rate before each step, clips gradients and smooths the CE labels; ``augment``
+    (e.g. a seeded random crop and flip) transforms each batch of ``x``, never the
+    public batches of the KD term.
     """
     recipe = recipe or Recipe()
     model.train()
@@ -90,21 +94,23 @@ def train_supervised(
             lr = recipe.set_lr(
                 optimizer, epoch=epoch, epochs=epochs, step=steps, steps=epochs * per_epoch
             )
-            out = model(x[rows])
-            ce = F.cross_entropy(out, y[rows], label_smoothing=recipe.label_smoothing)
-            loss = ce
-            kd_loss = None
-            if isinstance(kd, ClassKDTargets) and kd_weight > 0:
-                keep = kd.valid[y[rows]]
-                kd_loss = out.new_zeros(())  # same CE weight whether or not a batch has targets
-                if bool(keep.any()):  # batch mean over all samples, zero where no target
-                    share = keep.float().mean()
-                    kd_loss = share * kd.loss(out[keep], kd.logits[y[rows][keep]])
-            elif kd is not None and kd_weight > 0:
-                pick = torch.randint(len(kd.logits), (len(rows),), generator=generator)
-                kd_loss = kd.loss(model(kd.x[pick]), kd.logits[pick])
+            with recipe.autocast(x.device):
+                out = model(x[rows] if augment is None else augment(x[rows]))
+                ce = F.cross_entropy(out, y[rows], label_smoothing=recipe.label_smoothing)
+                loss = ce
+                kd_loss = None
+                if isinstance(kd, ClassKDTargets) and kd_weight > 0:
+                    keep = kd.valid[y[rows]]
+                    kd_loss = out.new_zeros(())  # same CE weight whether a batch has targets
+                    if bool(keep.any()):  # batch mean over all samples, zero where no target
+                        share = keep.float().mean()
+                        kd_loss = share * kd.loss(out[keep], kd.logits[y[rows][keep]])
+                elif kd is not None and kd_weight > 0:
+                    pick = torch.randint(len(kd.logits), (len(rows),), generator=generator)
+                    kd_loss = kd.loss(model(kd.x[pick]), kd.logits[pick])
+                if kd_loss is not None:
+                    loss = (1 - kd_weight) * ce + kd_weight * kd_loss
             if kd_loss is not None:
-                loss = (1 - kd_weight) * ce + kd_weight * kd_loss
                 totals["kd"] += kd_loss.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -129,10 +135,12 @@ def distill(
     generator: torch.Generator,
     max_steps: int | None = None,
     recipe: Recipe | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Fit ``model`` to the soft targets alone (no labels): ``epochs`` passes over them
     (stopping early after ``max_steps`` batches, if given). ``recipe`` sets the rate
-    before each step and clips gradients (:mod:`fedkd.recipes`)."""
+    before each step and clips gradients (:mod:`fedkd.recipes`); ``augment`` transforms
+    each batch of inputs (the targets stay those of the plain inputs)."""
     recipe = recipe or Recipe()
     model.train()
     total, steps = 0.0, 0
@@ -147,7 +155,9 @@ def distill(
             if steps >= limit:
                 break
             lr = recipe.set_lr(optimizer, epoch=epoch, epochs=epochs, step=steps, steps=planned)
-            loss = kd.loss(model(kd.x[rows]), kd.logits[rows])
+            inputs = kd.x[rows] if augment is None else augment(kd.x[rows])
+            with recipe.autocast(inputs.device):
+                loss = kd.loss(model(inputs), kd.logits[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             recipe.clip(model)
@@ -165,10 +175,10 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
     """Logits of ``model`` on ``x`` in eval mode (does not change the model)."""
     was_training = model.training
     model.eval()
-    # an empty input still gives (0, classes): the model runs on the empty batch
-    out = torch.cat([model(chunk) for chunk in x.split(batch_size)]) if len(x) else model(x)
-    model.train(was_training)
-    return out
+    try:  # an empty input still gives (0, classes): the model runs on the empty batch
+        return torch.cat([model(chunk) for chunk in x.split(batch_size)]) if len(x) else model(x)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()

@@ -8,6 +8,13 @@ private-set size. Deviations: none in the algorithm; the client optimizer is
 ``clients.optimizer`` (Adam by default, the paper uses SGD), and each client's
 accuracy is its local model's after training, while the global model's is the
 round's server accuracy.
+
+BatchNorm: the payload is the whole state dict, so the running statistics
+(``running_mean``, ``running_var``) are averaged with the same weights as the
+parameters; the integer counter ``num_batches_tracked`` is not averaged but keeps
+the first received client's count (:meth:`~fedkd.payloads.Weights.mean`; it only
+matters for BatchNorm with ``momentum=None``, which no zoo model uses). Every model
+is evaluated in eval mode, on these averaged statistics.
 """
 
 from __future__ import annotations

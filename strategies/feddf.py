@@ -14,6 +14,15 @@ a fresh optimizer at a constant rate, instead of the paper's up to 10^4 steps of
 Adam with cosine annealing, gradient clipping at 5 and early stopping on a
 server-side validation split (returning the best checkpoint); the KL carries a
 T^2 factor (none in the paper, equal at the default T = 1).
+
+BatchNorm: the ensemble's logits come from each client model in eval mode (its own
+running statistics). The per-architecture average covers BatchNorm's running
+statistics too (weighted like the parameters; ``num_batches_tracked`` keeps the first
+client's count), and the distillation then runs in train mode, so the prototypes'
+running statistics move towards the public set's, as in the authors' code (their
+``NoiseKTSolver`` trains the student in train mode on the unlabelled data, teachers in
+eval mode); their FedAvg step copies averaged *parameters* only and keeps the last
+client's BatchNorm buffers, which that distillation then re-estimates.
 """
 
 from __future__ import annotations

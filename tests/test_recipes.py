@@ -260,3 +260,34 @@ def test_a_resumed_run_gets_the_same_rates_as_the_straight_one(small_config, tmp
     records = resumed.run(InlineTransport(cfg, str(path), store))
     assert _numbers(records) == _numbers(straight)
     assert [r.clients[0].metrics["train_lr"] for r in records] == rates
+
+
+# --- mixed precision ---------------------------------------------------------------------
+
+
+def test_amp_runs_training_forward_passes_in_bfloat16_and_keeps_float32_weights():
+    torch.manual_seed(0)
+    dtypes: list[torch.dtype] = []
+    model = nn.Linear(5, 3)
+    model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    opt = make_optimizer("sgd", model, 0.1)
+    x, y = _data(20)
+    kd = KDTargets(x, torch.randn(20, 3, generator=_gen(3)), nn.MSELoss())
+    out = train_supervised(
+        model, opt, x, y, epochs=1, batch_size=10, generator=_gen(), recipe=Recipe(amp=True)
+    )
+    distill(model, opt, kd, epochs=1, batch_size=10, generator=_gen(), recipe=Recipe(amp=True))
+    assert dtypes == [torch.bfloat16] * 4
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert math.isfinite(out["loss"])
+    train_supervised(model, opt, x, y, epochs=1, batch_size=10, generator=_gen())
+    assert dtypes[-1] == torch.float32  # off by default
+
+
+def test_optimizer_settings_are_type_checked_against_torchs_own_hints():
+    """torch annotates e.g. weight_decay as float | Tensor: a float passes, a string not."""
+    ok = 'clients.optimizer={name="sgd", momentum=0.9, weight_decay=0.0005, nesterov=true}'
+    check_recipes(load_config(None, [ok]))
+    with pytest.raises(ConfigError) as err:
+        check_recipes(load_config(None, ['clients.optimizer={name="sgd", weight_decay="x"}']))
+    assert err.value.field == "clients.optimizer.weight_decay"

@@ -208,14 +208,25 @@ def test_list_shows_model_sizes_for_an_input_shape(capsys):
         "partitioners",
         "kd losses",
         "aggregators",
+        "optimizers",
+        "schedules",
     ]
 
 
-def test_list_defaults_to_the_mnist1d_shape(capsys):
+def test_list_shows_a_model_table_for_the_usual_shapes(capsys):
     assert main(["list"]) == 0
-    line = _models_line(capsys.readouterr().out)
-    assert "logreg (410)" in line and "mlp (15,210)" in line
-    assert "lenet5 (n/a)" in line
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith(" " * 18)]
+    assert rows[0] == ["40", "1x28x28", "3x32x32"]
+    table = {r[0]: r[1:] for r in rows[1:]}
+    assert table["logreg"][0] == "410" and table["mlp"][0] == "15,210"
+    assert table["resnet20"] == ["n/a", "269,434", "269,722"]
+    assert table["cnn1d"][1:] == ["n/a", "n/a"]
+    paper = ("resnet8", "resnet32", "vgg9", "vgg11", "shufflenetv2", "mobilenetv2", "lenet5")
+    for name in (*paper, "fedmd_cnn2", "fedmd_cnn3"):
+        assert table[name][2] != "n/a", name
+    assert "optimizers         adam, adamw, sgd" in out
+    assert "cosine" in out.splitlines()[-1]
 
 
 def test_list_rejects_a_malformed_shape(capsys):

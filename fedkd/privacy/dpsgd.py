@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedkd.config import PrivacyConfig
+from fedkd.config import Config, PrivacyConfig
 from fedkd.seeding import torch_generator
 
 if TYPE_CHECKING:
@@ -39,6 +39,47 @@ def make_compatible(model: torch.nn.Module) -> torch.nn.Module:
     if ModuleValidator.validate(model, strict=False):
         model = ModuleValidator.fix(model)
     return model
+
+
+def check_models(config: Config, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Refuse, before anything runs, students with BatchNorm under DP-SGD: BatchNorm mixes
+    the samples of a batch, so per-sample gradients (and their clipping) are undefined;
+    Opacus refuses it. Swapping in another norm silently would train another model than
+    the one configured (and FedAvg could not load the server's BatchNorm weights)."""
+    from fedkd.client import student_spec
+    from fedkd.config import ConfigError
+    from fedkd.models import MODELS, build_model
+
+    seen: set[str] = set()
+    for cid in range(config.clients.count):
+        spec = student_spec(config, cid)
+        if str(spec) in seen:
+            continue
+        seen.add(str(spec))
+        model = build_model(spec, input_shape, num_classes, seed=0)
+        norms = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+        if not norms:
+            continue
+        field = "clients.models"
+        for key, group in config.clients.model_groups.items():
+            if group == spec:
+                field = f"clients.model_groups.{key}"
+        twin = f"{spec.name}_gn"
+        hint = (
+            f"use its GroupNorm variant '{twin}'"
+            if twin in MODELS.names()
+            else "use a model without BatchNorm (e.g. GroupNorm, as the *_gn zoo models)"
+        )
+        raise ConfigError(
+            field,
+            f"{spec} has BatchNorm layers ({len(norms)}, first {norms[0]!r}), which "
+            "privacy.mechanism = 'dpsgd' cannot train: BatchNorm mixes the samples of a "
+            f"batch, so per-sample gradients cannot be clipped (Opacus refuses it); {hint}",
+        )
 
 
 def check_secure_mode() -> None:
@@ -130,6 +171,7 @@ def _dp_steps(node: ClientNode, epochs: int) -> dict[str, Any]:
     )
     total, steps = 0.0, 0
     recipe = node.recipe  # rate schedule and label smoothing (clipping is DP-SGD's own)
+    augment = node.augmenter()  # per-sample transforms: the accounting is unchanged
     planned = epochs * len(private_loader)  # expected steps: the step clock's length
     model.train()
     try:
@@ -139,7 +181,7 @@ def _dp_steps(node: ClientNode, epochs: int) -> dict[str, Any]:
                 for x, y in private_loader:
                     recipe.set_lr(optimizer, epoch=epoch, epochs=epochs, step=steps, steps=planned)
                     optimizer.zero_grad(set_to_none=True)
-                    out = model(x)
+                    out = model(x if augment is None or not len(x) else augment(x))
                     # Poisson sampling can draw an empty batch: still a (noise-only) step
                     loss = (
                         F.cross_entropy(out, y, label_smoothing=recipe.label_smoothing)

@@ -236,6 +236,11 @@ def interceptors(node: ClientNode) -> list[str]:
     found += [f"a patched {m}" for m in _patched(cls, ("step", "zero_grad"))]
     if opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks:
         found.append("hooks on node.optimizer")
+    from fedkd.data.transforms import Augment  # it transforms the private batches
+
+    if type(node.augment) is not Augment:
+        found.append(f"node.augment of class {type(node.augment).__qualname__}")
+    found += [f"a patched {m}" for m in _patched(Augment, ("__call__",))]
     return sorted(set(found), key=found.index)
 
 
