@@ -12,11 +12,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "RunError", "RunResult", "load_config", "resume", "run"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "RunError",
+    "RunResult",
+    "SeedsResult",
+    "load_config",
+    "resume",
+    "run",
+]
 
 if TYPE_CHECKING:
     from fedkd.config import Config, ConfigError, load_config
-    from fedkd.simulation import RunError, RunResult, resume, run
+    from fedkd.simulation import RunError, RunResult, SeedsResult, resume, run
 
 
 def __getattr__(name: str) -> Any:
@@ -25,7 +34,7 @@ def __getattr__(name: str) -> Any:
         from fedkd import config
 
         return getattr(config, name)
-    if name in ("run", "resume", "RunResult", "RunError"):
+    if name in ("run", "resume", "RunResult", "RunError", "SeedsResult"):
         from fedkd import simulation
 
         return getattr(simulation, name)

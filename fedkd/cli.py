@@ -1,5 +1,5 @@
 """Command line: ``fedkd run [config.toml] [field=value ...]``, ``fedkd resume RUN_DIR``,
-``fedkd bench``, ``fedkd list``.
+``fedkd bench``, ``fedkd compare``, ``fedkd list``.
 
 Exit codes: 0 completed; 1 failed; 2 bad config or input (nothing ran); 3 completed
 with failures; 4 stopped early (privacy budget); 130 interrupted. ``--allow-partial``
@@ -63,6 +63,37 @@ def _resume(args: argparse.Namespace) -> int:
     return _outcome(
         lambda: resume(args.items[0], quiet=args.quiet, started=_STARTED), args.allow_partial
     )
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Paired comparison of runs by seed: B - A for every B after the first run A."""
+    from pathlib import Path
+
+    from fedkd.results.records import SchemaError
+    from fedkd.results.seeds import compare, comparison_table, read_seeds
+
+    if len(args.items) < 2:
+        print("fedkd compare: give at least two run folders (A, then B...)", file=sys.stderr)
+        return 2
+    runs = []
+    for item in args.items:
+        path = Path(item)
+        try:
+            seeds = read_seeds(path)
+        except (OSError, ValueError, KeyError, SchemaError) as err:
+            print(f"fedkd compare: {path}: not a finished fedkd run ({err})", file=sys.stderr)
+            return 2
+        if not seeds:
+            print(f"fedkd compare: {path}: no seed of it has a summary", file=sys.stderr)
+            return 2
+        runs.append((item, seeds))
+    (name_a, a), *rest = runs
+    texts = [comparison_table(name_a, name_b, compare(a, b)) for name_b, b in rest]
+    text = "\n".join(texts)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -157,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     if args_list[:1] == ["bench"]:  # the benchmark parses its own options
         return _bench(argparse.Namespace(items=args_list[1:]))
+    cmp = sub.add_parser(
+        "compare", help="paired comparison of runs by seed (mean difference, 95%% CI)"
+    )
+    cmp.add_argument("items", nargs="+", help="RUN_A RUN_B [RUN_C ...]: each B against A")
+    cmp.add_argument("--out", help="also write the comparison to this file")
+    cmp.set_defaults(fn=_compare)
     lst = sub.add_parser("list", help="list registered plug-ins")
     lst.add_argument(
         "--input",

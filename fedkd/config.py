@@ -450,6 +450,10 @@ class Config:
 
     name: str = "quickstart"  # names the run folder: <output_dir>/<name>-<time>
     seed: int = 0  # every random draw derives from it (splits, models, batches, noise)
+    # run several seeds in one process and one Ray start, each in its own sub-folder,
+    # with mean, std and 95% CI across them: a count (5: seeds 0..4) or a list ([3, 8]);
+    # empty: one run with `seed`
+    seeds: int | list[int] = field(default_factory=list)
     rounds: int = 10  # federated rounds
     output_dir: str = "runs"  # where run folders are created
     device: str = "auto"  # auto | cpu | cuda
@@ -481,6 +485,12 @@ class Config:
             )
         if self.seed < 0:
             raise ConfigError("seed", f"must be >= 0, got {self.seed} (e.g. seed=0)")
+        if isinstance(self.seeds, int):
+            if self.seeds < 0:
+                raise ConfigError("seeds", f"must be a count >= 0 or a list, got {self.seeds}")
+            object.__setattr__(self, "seeds", list(range(self.seeds)))
+        if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("seeds", f"must be distinct seeds >= 0, got {self.seeds}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device", f"must be one of auto, cpu, cuda; got {self.device!r}")
         if self.clients.count > self.data.private:

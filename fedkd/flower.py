@@ -20,7 +20,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,16 +56,33 @@ def _error_reply(msg: Message, cid: int, err: BaseException) -> Message:
     return Message(RecordDict({"error": ConfigRecord(content)}), reply_to=msg)
 
 
-def make_client_app(config: Config, data_path: str, state_dir: str) -> ClientApp:
-    """A ClientApp whose node with partition id i acts as client i; client state is kept
-    in ``state_dir`` (see :mod:`fedkd.state_store`)."""
+@dataclass
+class FlowerJob:
+    """One federation to run under a shared Flower + Ray start (e.g. one seed of many):
+    its server state, the files its clients read and write, and its callbacks.
+    ``error`` is set when its federation failed (the next job still runs)."""
+
+    federation: Federation
+    data_path: str
+    state_dir: str
+    on_round: RoundCallback | None = None
+    errors: ErrorLog | None = None
+    box: dict[str, Any] = field(default_factory=dict)
+    error: RunFailed | None = None
+
+
+def make_client_app(jobs: Sequence[FlowerJob]) -> ClientApp:
+    """A ClientApp whose node with partition id i acts as client i of whichever job a
+    message names (``run``: its index in ``jobs``); client state is kept in the job's
+    ``state_dir`` (see :mod:`fedkd.state_store`)."""
     app = ClientApp()
+    runs = [(j.federation.config, j.data_path, j.state_dir) for j in jobs]
 
     @app.query("hello")
     def hello(msg: Message, context: Context) -> Message:
         cid = int(context.node_config["partition-id"])
         try:
-            get_runtime(config, data_path, state_dir).warm_up()  # imports, data, first step
+            get_runtime(*runs[0]).warm_up()  # imports, data, first step
         except Exception as err:
             return _error_reply(msg, cid, err)
         return Message(RecordDict({"meta": ConfigRecord({"cid": cid})}), reply_to=msg)
@@ -75,8 +93,9 @@ def make_client_app(config: Config, data_path: str, state_dir: str) -> ClientApp
         content = msg.content
         try:
             rnd = int(content.config_records["config"]["round"])
+            run = int(content.config_records["config"].get("run", 0))
             idx = content.array_records["query"]["public_idx"].numpy()
-            runtime = get_runtime(config, data_path, state_dir)  # imports user strategies
+            runtime = get_runtime(*runs[run])  # imports user strategies
             targets = None
             if "targets" in content.array_records:
                 kind = str(content.config_records["config"]["targets_kind"])
@@ -143,11 +162,13 @@ class FlowerTransport:
         nodes: dict[int, int],
         timeout: float,
         stop: StopSignal | None = None,
+        run: int = 0,
     ) -> None:
         self.grid = grid
         self.nodes = nodes  # client id -> node id
         self.timeout = timeout
         self.stop = stop
+        self.run = run  # which job of the ClientApp the messages are for
 
     def _messages(
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
@@ -157,7 +178,7 @@ class FlowerTransport:
         messages = []
         for cid, targets in requests.items():
             if id(targets) not in records:
-                config: dict[str, Any] = {"round": rnd}
+                config: dict[str, Any] = {"round": rnd, "run": self.run}
                 content = RecordDict({"query": query})
                 if targets is not None:
                     content["targets"] = payload_to_record(targets)
@@ -240,15 +261,14 @@ def _handshake(
 
 
 def make_server_app(
-    federation: Federation,
-    on_round: RoundCallback | None,
-    box: dict[str, Any],
-    stop: StopSignal | None = None,
-    errors: ErrorLog | None = None,
+    jobs: Sequence[FlowerJob], stop: StopSignal | None = None, keep_going: bool = False
 ) -> ServerApp:
-    """A ServerApp that runs (or continues) ``federation``; timings go into ``box``."""
+    """A ServerApp that runs (or continues) each job's federation in turn, on the same
+    simulated clients; each job's ``box`` gets ``rounds_started``. A failed federation
+    raises :class:`RunFailed`, or, with ``keep_going``, is kept in its job's ``error``
+    and the next job runs. Ctrl-C (``stop``) ends them all."""
     app = ServerApp()
-    config = federation.config
+    config = jobs[0].federation.config
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -258,9 +278,17 @@ def make_server_app(
         missing = sorted(set(range(config.clients.count)) - set(mapping))
         if missing:
             raise RunFailed(f"clients {missing} did not answer the start-up handshake")
-        box["rounds_started"] = time.time()
-        transport = FlowerTransport(grid, mapping, timeout, stop)
-        federation.run(transport, on_round, stop=stop, errors=errors)
+        for run, job in enumerate(jobs):
+            job.box["rounds_started"] = time.time()
+            transport = FlowerTransport(grid, mapping, timeout, stop, run)
+            try:
+                job.federation.run(transport, job.on_round, stop=stop, errors=job.errors)
+            except RunFailed as err:
+                if not keep_going:
+                    raise
+                job.error = err
+            finally:
+                job.box["rounds_ended"] = time.time()
 
     return app
 
@@ -319,16 +347,28 @@ def run_flower(
     ``box`` (returned, filled as the run goes) receives ``rounds_started``. Raises
     :class:`RunFailed` or :class:`Interrupted` as the round loop does.
     """
+    job = FlowerJob(federation, data_path, state_dir, on_round, errors, {} if box is None else box)
+    run_flower_jobs([job], stop=stop)
+    return job.box
+
+
+def run_flower_jobs(
+    jobs: Sequence[FlowerJob], *, stop: StopSignal | None = None, keep_going: bool = False
+) -> None:
+    """Run several federations of the same shape (client count, resources), one after
+    another, under one Flower simulation and one Ray start (e.g. the seeds of a run).
+
+    See :func:`make_server_app` for failures; raises :class:`Interrupted` on Ctrl-C.
+    """
     import warnings
 
     from flwr.simulation import run_simulation
 
-    config = federation.config
+    config = jobs[0].federation.config
     if not config.simulation.verbose:
         logging.getLogger("flwr").setLevel(logging.CRITICAL)
         logging.getLogger("ray").setLevel(logging.CRITICAL)
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    box = {} if box is None else box
     ended = threading.Event()  # set when the simulation returns: the server loop must end too
     halt = AnyEvent(ended) if stop is None else AnyEvent(stop, ended)
     with warnings.catch_warnings():
@@ -336,8 +376,8 @@ def run_flower(
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
         try:
             run_simulation(
-                server_app=make_server_app(federation, on_round, box, halt, errors),
-                client_app=make_client_app(config, data_path, state_dir),
+                server_app=make_server_app(jobs, halt, keep_going),
+                client_app=make_client_app(jobs),
                 num_supernodes=config.clients.count,
                 backend_name=config.simulation.backend,
                 backend_config=backend_config(config),
@@ -345,7 +385,6 @@ def run_flower(
             )
         finally:
             ended.set()
-    return box
 
 
 class AnyEvent:

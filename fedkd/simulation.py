@@ -9,6 +9,7 @@ summary, whose status says how the run ended (:class:`fedkd.results.Outcome`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import sys
@@ -36,10 +37,13 @@ from fedkd.results import (
     RunSummary,
     plot_accuracy,
     progress_line,
+    read_rounds,
     read_summary,
     summary_table,
 )
 from fedkd.results.records import write_jsonl
+from fedkd.results.rundir import atomic_write_text
+from fedkd.results.seeds import SeedsSummary, plot_seeds, seed_folders, write_csv, write_json
 from fedkd.results.summary import outcome_of, summarize
 from fedkd.rounds import Federation, Interrupted, RunFailed, sample_clients
 from fedkd.strategy import client_strategy, server_strategy
@@ -204,6 +208,8 @@ def run(
     """
     t0 = started if started is not None else time.time()
     cfg = load_config(config, overrides)
+    if cfg.seeds:
+        return run_seeds(cfg, quiet=quiet, t0=t0)  # type: ignore[return-value]
     data, data_path = _prepare(cfg)
     out = RunDirectory.create(cfg)
     _say(
@@ -224,6 +230,76 @@ def _device_note(cfg: Config) -> str:
     return f", on {device.type}" + (" with bfloat16 autocast (amp)" if cfg.amp else "")
 
 
+@dataclass
+class SeedsResult:
+    """What :func:`run` returns for a multi-seed config: every seed's result and the
+    statistics across them (also in the run folder's ``summary.json``)."""
+
+    config: Config
+    directory: Path
+    runs: dict[int, RunResult]
+    summary: SeedsSummary
+
+    @property
+    def exit_code(self) -> int:
+        return self.summary.exit_code
+
+
+def run_seeds(cfg: Config, *, quiet: bool = False, t0: float | None = None) -> SeedsResult:
+    """Run ``cfg`` once per seed of ``cfg.seeds``, under one Flower simulation and one Ray
+    start, each seed in its own ``seed-<n>/`` run folder inside one run folder, whose
+    ``summary.json`` holds each metric's mean, std and 95% CI over the seeds (plus
+    ``seeds.csv`` and ``accuracy.png``). Every seed's config and data are checked and
+    built before Ray starts; a seed that fails does not stop the others; Ctrl-C stops
+    all (the seeds not reached are "not run")."""
+    from fedkd.flower import FlowerJob, ctrl_c_stops, run_flower_jobs
+
+    t0 = time.time() if t0 is None else t0
+    configs = {seed: dataclasses.replace(cfg, seed=seed, seeds=[]) for seed in cfg.seeds}
+    prepared = {seed: _prepare(c) for seed, c in configs.items()}
+    parent = RunDirectory.create(cfg)
+    outs = {seed: parent.child(f"seed-{seed}", configs[seed]) for seed in cfg.seeds}
+    _say(
+        quiet,
+        f"fedkd: {cfg.name}: {cfg.clients.count} clients, {cfg.rounds} rounds, strategy "
+        f"{cfg.strategy}, seeds {list(cfg.seeds)}{_device_note(cfg)}; results in {parent.path}",
+    )
+    jobs = {}
+    for seed, c in configs.items():
+        data, data_path = prepared[seed]
+        federation = Federation(c, data)
+        writer = _round_writer(c, outs[seed], federation, quiet, f"seed {seed}: ")
+        jobs[seed] = FlowerJob(
+            federation, str(data_path), str(outs[seed].clients_dir), writer, outs[seed].log_error
+        )
+    stop = threading.Event()
+    shared = _Ended()  # an ending of the whole simulation (Ctrl-C, Ray failing to start)
+    results: dict[int, RunResult] = {}
+    with ctrl_c_stops(stop):
+        try:
+            run_flower_jobs(list(jobs.values()), stop=stop, keep_going=True)
+        except BaseException as err:
+            shared.note(err, parent)
+        first = True
+        for seed, job in jobs.items():
+            if shared.interrupted and "rounds_started" not in job.box:
+                continue  # never reached: "not run"
+            ended = _Ended()
+            ended.interrupted, ended.error = shared.interrupted, shared.error
+            data, data_path = prepared[seed]
+            _say(quiet, f"\nseed {seed}:")
+            # the shared start-up (Ray, the clients) is counted in the first seed's time
+            start = t0 if first else job.box.get("rounds_started", t0)
+            first = False
+            results[seed], _ = _finish(
+                configs[seed], data, data_path, outs[seed], job, ended, stop, quiet, start
+            )
+    result = _write_seeds(cfg, parent, results, jobs, quiet)
+    if result.summary.outcome is Outcome.INTERRUPTED and stop.is_set():
+        raise KeyboardInterrupt(result.summary.status)
+    return result
+
+
 def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = None) -> RunResult:
     """Continue a run that was killed or interrupted, from its last finished round.
 
@@ -238,6 +314,8 @@ def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = 
     out = RunDirectory(Path(run_dir))
     if not (out.path / "config.toml").is_file():
         raise ConfigError("run_dir", f"{out.path} is not a fedkd run folder (no config.toml)")
+    if seed_folders(out.path):
+        return _resume_seeds(out, quiet=quiet, t0=t0)  # type: ignore[return-value]
     cfg = load_config(out.path / "config.toml")
     data, data_path = _prepare(cfg)
     federation = Federation(cfg, data)
@@ -260,6 +338,52 @@ def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = 
     out.log_error("resume", f"resumed after round {done}", None)
     _say(quiet, f"fedkd: resuming {out.path} after round {done} of {cfg.rounds}")
     return _execute(cfg, data, data_path, out, federation, quiet=quiet, t0=t0, resumed_from=done)
+
+
+def _resume_seeds(parent: RunDirectory, *, quiet: bool, t0: float) -> SeedsResult:
+    """Resume every seed of a multi-seed run that has not ended (each in turn, each its
+    own Flower start), then write the statistics across seeds again."""
+    cfg = load_config(parent.path / "config.toml")
+    results: dict[int, RunResult] = {}
+    for seed, folder in seed_folders(parent.path).items():
+        previous = read_summary(folder) if (folder / "summary.json").is_file() else None
+        if previous is not None and previous.outcome not in (Outcome.INTERRUPTED, Outcome.FAILED):
+            _say(quiet, f"seed {seed}: ended ({previous.status})")
+            child = load_config(folder / "config.toml")
+            records = read_rounds(folder / "metrics.jsonl")
+            baseline_file = folder / "baseline.jsonl"
+            baseline = read_rounds(baseline_file) if baseline_file.is_file() else []
+            results[seed] = RunResult(child, folder, records, previous, baseline)
+            continue
+        try:
+            results[seed] = resume(folder, quiet=quiet, started=t0)
+        except RunError as err:
+            results[seed] = err.result
+    return _write_seeds(cfg, parent, results, {s: None for s in cfg.seeds}, quiet)
+
+
+def _write_seeds(
+    cfg: Config,
+    parent: RunDirectory,
+    results: dict[int, RunResult],
+    seeds: Mapping[int, Any],
+    quiet: bool,
+) -> SeedsResult:
+    """The statistics across seeds: summary.json/.txt, seeds.csv, accuracy.png."""
+    summary = SeedsSummary.of(
+        cfg.name, {seed: results[seed].summary if seed in results else None for seed in seeds}
+    )
+    write_json(parent.path / "summary.json", summary.to_json())
+    table = summary.table()
+    atomic_write_text(parent.path / "summary.txt", table)
+    write_csv(parent.path / "seeds.csv", {s: r.summary for s, r in results.items()})
+    if results:
+        curves = {s: (r.rounds, r.baseline) for s, r in results.items()}
+        title = f"{cfg.name}: {cfg.strategy} on {cfg.data.dataset}"
+        plot_seeds(curves, parent.path / "accuracy.png", title)
+    _say(quiet, "\n" + table + f"results: {parent.path}")
+    sys.stdout.flush()
+    return SeedsResult(cfg, parent.path, results, summary)
 
 
 def _run_baseline(
@@ -306,46 +430,109 @@ def _execute(
     resumed_from: int | None = None,
 ) -> RunResult:
     """Run the federation's remaining rounds, then the baseline; always write the summary."""
+    from fedkd.flower import FlowerJob, ctrl_c_stops, run_flower_jobs
+
+    job = FlowerJob(
+        federation,
+        str(data_path),
+        str(out.clients_dir),
+        _round_writer(cfg, out, federation, quiet),
+        out.log_error,
+    )
+    stop = threading.Event()
+    ended = _Ended()
+    with ctrl_c_stops(stop):
+        try:
+            if federation.next_round <= cfg.rounds:  # (a resumed run may only lack its baseline)
+                run_flower_jobs([job], stop=stop)
+        except BaseException as err:
+            ended.note(err, out)
+        result, ended = _finish(
+            cfg, data, data_path, out, job, ended, stop, quiet, t0, resumed_from
+        )
+    if ended.interrupted:
+        raise KeyboardInterrupt(result.summary.status)
+    if ended.error is not None:
+        raise RunError(result)
+    return result
+
+
+class _Ended:
+    """How the federated part of a run ended: interrupted, or with an error message."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.error: str | None = None
+
+    def note(self, err: BaseException, out: RunDirectory) -> None:
+        """Record ``err`` (re-raised if it is not a run's ending, e.g. SystemExit)."""
+        if isinstance(err, KeyboardInterrupt | Interrupted):
+            self.interrupted = True
+        elif isinstance(err, RunFailed):  # the server hook's traceback, if one raised
+            self.error = str(err)
+            cause = err.__cause__
+            trace = "".join(traceback.format_exception(cause)) if cause else None
+            out.log_error("run", self.error, trace)
+        elif isinstance(err, Exception):
+            self.error = one_line(err)
+            out.log_error("run", self.error, "".join(traceback.format_exception(err)))
+        else:
+            raise err
+
+
+def _round_writer(
+    cfg: Config, out: RunDirectory, federation: Federation, quiet: bool, prefix: str = ""
+) -> Any:
+    """The per-round callback: append the record, checkpoint, print the progress line."""
     from fedkd.checkpoint import save_checkpoint
-    from fedkd.flower import ctrl_c_stops, run_flower
 
     def on_round(record: RoundRecord) -> None:
         out.append_round("metrics.jsonl", record)
         if not record.failed:  # a resumed run re-runs a failed round instead of going past it
             save_checkpoint(out.path, federation)
-        _say(quiet, progress_line(record, cfg.rounds))
+        _say(quiet, prefix + progress_line(record, cfg.rounds))
 
+    return on_round
+
+
+def _finish(
+    cfg: Config,
+    data: FederatedData,
+    data_path: Path,
+    out: RunDirectory,
+    job: Any,
+    ended: _Ended,
+    stop: threading.Event,
+    quiet: bool,
+    t0: float,
+    resumed_from: int | None = None,
+) -> tuple[RunResult, _Ended]:
+    """After the federated rounds: the baseline (unless the run already ended badly),
+    then the summary, its table and the plot. Never raises for a run's ending."""
+    from fedkd.flower import ctrl_c_stops
+
+    federation = job.federation
+    if job.error is not None and ended.error is None:  # failed, while other seeds went on
+        ended.note(job.error, out)
     baseline: list[RoundRecord] = []
-    box: dict[str, Any] = {}
-    error: str | None = None
-    interrupted = False
-    stop = threading.Event()
     b0 = None
-    try:
-        with ctrl_c_stops(stop):
-            if federation.next_round <= cfg.rounds:  # (a resumed run may only lack its baseline)
-                run_flower(
-                    federation, str(data_path), str(out.clients_dir), on_round, box,
-                    stop=stop, errors=out.log_error,
-                )  # fmt: skip
-            if cfg.baseline and cfg.strategy.name != "local":
-                _say(quiet, "local-only baseline (same students, same budget, no federation)...")
-                b0 = time.time()
-                _run_baseline(cfg, data, data_path, out, stop, baseline)
-    except (KeyboardInterrupt, Interrupted):
-        interrupted = True
-    except RunFailed as err:  # the server hook's traceback, if one raised (else: no code failed)
-        error = str(err)
-        cause = err.__cause__
-        out.log_error("run", error, "".join(traceback.format_exception(cause)) if cause else None)
-    except Exception as err:
-        error = one_line(err)
-        out.log_error("run", error, "".join(traceback.format_exception(err)))
+    if not ended.interrupted and ended.error is None and stop.is_set():
+        ended.interrupted = True
+    if not ended.interrupted and ended.error is None:
+        try:
+            with ctrl_c_stops(stop):
+                if cfg.baseline and cfg.strategy.name != "local":
+                    what = "local-only baseline (same students, same budget, no federation)..."
+                    _say(quiet, what)
+                    b0 = time.time()
+                    _run_baseline(cfg, data, data_path, out, stop, baseline)
+        except BaseException as err:
+            ended.note(err, out)
     records = federation.records
-    timing = _timing(records, box, t0, b0)
+    timing = _timing(records, job.box, t0, b0)
     summary = summarize(
         cfg, records, baseline, _profiles(cfg, data), timing,
-        outcome_of(cfg, records, baseline, error, interrupted, federation.stopped),
+        outcome_of(cfg, records, baseline, ended.error, ended.interrupted, federation.stopped),
         test_size=len(data.test_y), uses_teacher=federation.strategy.uses_teacher,
         aggregations=federation.server.aggregations, resumed_from=resumed_from,
     )  # fmt: skip
@@ -356,21 +543,20 @@ def _execute(
         plot_accuracy(records, baseline, out.path / "accuracy.png", title)
     _say(quiet, "\n" + table + f"results: {out.path}")
     sys.stdout.flush()
-    result = RunResult(cfg, out.path, list(records), summary, baseline)
-    if interrupted:
-        raise KeyboardInterrupt(summary.status)
-    if error is not None:
-        raise RunError(result)
-    return result
+    return RunResult(cfg, out.path, list(records), summary, baseline), ended
 
 
 def _timing(
     records: Sequence[RoundRecord], box: dict[str, Any], t0: float, b0: float | None
 ) -> dict[str, float]:
+    baseline_s = time.time() - b0 if b0 is not None else 0.0
+    total = time.time() - t0
+    if "rounds_ended" in box:  # (seeds: the other seeds ran in between)
+        total = box["rounds_ended"] - t0 + baseline_s
     timing: dict[str, float] = {
         "rounds_s": sum(r.seconds for r in records),
-        "baseline_s": time.time() - b0 if b0 is not None else 0.0,
-        "total_s": time.time() - t0,
+        "baseline_s": baseline_s,
+        "total_s": total,
     }
     if "rounds_started" in box:
         timing["startup_s"] = box["rounds_started"] - t0

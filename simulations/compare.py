@@ -1,9 +1,13 @@
 """Run every built-in algorithm on the same setting and compare them on equal footing.
 
-    python simulations/compare.py [--algorithms fedavg,fedmd,...] [--out DIR] [field=value ...]
+    python simulations/compare.py [--algorithms fedavg,fedmd,...] [--seeds 5] [--out DIR]
+                                  [field=value ...]
 
 Each algorithm runs its own config from ``simulations/<name>.toml`` under Flower+Ray,
-with the overrides applied to all (same data, partition, clients, rounds and seed).
+over the same seeds (``--seeds N``: 0..N-1, default 5; one Ray start per algorithm),
+with the overrides applied to all (same data, partition, clients, rounds and seeds).
+Every figure is the mean +- std over the seeds; ``fedkd compare RUN_A RUN_B`` gives
+the paired difference of two of the runs with its 95% CI.
 FedAvg runs with the CNN student only (it cannot mix architectures); the others use
 the default MLP/CNN mix. Writes ``comparison.md``, ``comparison.json`` and
 ``comparison.png`` (accuracy per round, and accuracy against bytes sent) to
@@ -30,22 +34,31 @@ def _config(name: str) -> str:
     return "simulations/quickstart.toml" if name == "kd" else f"simulations/{name}.toml"
 
 
-def _row(name: str, result: fedkd.RunResult) -> dict:
-    s = result.summary
-    f, c, t = s.final, s.communication, s.timing
+def _row(name: str, result: fedkd.SeedsResult) -> dict:
+    m = result.summary.metrics
+    runs = list(result.runs.values())
+
+    def spread(key: str) -> tuple[float | None, float | None]:
+        return (m[key].mean, m[key].std) if key in m else (None, None)
+
+    by_round: dict[int, list[float]] = {}
+    for run in runs:
+        for r in run.rounds:
+            if r.students is not None:
+                by_round.setdefault(r.round, []).append(r.students.mean)
+    last = runs[0].summary if runs else None
     return {
         "algorithm": name,
-        "strategy": s.strategy,
-        "students_mean": f.students.mean if f.students else None,
-        "students_min": f.students.min if f.students else None,
-        "gain_points": f.gain_points,  # vs local-only training of the same students
-        "server_model": f.server_model,
-        "bytes_per_round": c.bytes_per_round,
-        "share_of_fedavg": c.share_of_fedavg,
-        "rounds_s": t["rounds_s"],
-        "total_s": t["total_s"],
-        "failures": s.failures.count,
-        "curve": [r.students.mean if r.students else None for r in result.rounds],
+        "strategy": result.summary.strategy,
+        "seeds": list(result.summary.seeds),
+        "students": spread("students"),  # (mean, std) over seeds
+        "gain_points": spread("gain_points"),  # vs local-only of the same students
+        "server_model": spread("server_model"),
+        "bytes_per_round": spread("bytes_per_round")[0] or 0.0,
+        "share_of_fedavg": last.communication.share_of_fedavg if last else None,
+        "rounds_s": spread("rounds_s")[0] or 0.0,
+        "status": result.summary.status,
+        "curve": [sum(v) / len(v) for _, v in sorted(by_round.items())],
         "directory": str(result.directory),
     }
 
@@ -54,25 +67,34 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _pm(pair: tuple[float | None, float | None], points: bool = False) -> str:
+    """``35.8 +- 2.7`` (percent or points) from a (mean, std) pair."""
+    mean, std = pair
+    if mean is None or std is None:
+        return "-"
+    sign = "+" if points and mean >= 0 else ""
+    return f"{sign}{100 * mean:.1f} +- {100 * std:.1f}"
+
+
 def _size(n: float) -> str:
     return f"{n / 1024:.1f} KB" if n < 1024**2 else f"{n / 1024**2:.2f} MB"
 
 
 def markdown(rows: list[dict], setting: str) -> str:
+    seeds = rows[0]["seeds"] if rows else []
     lines = [
-        f"Setting: {setting}",
+        f"Setting: {setting}; mean +- std over seeds {seeds}",
         "",
-        "| algorithm | students mean | students min | vs local-only | server model "
-        "| bytes/round | vs FedAvg, same models | rounds time | wall time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| algorithm | students, mean (%) | vs local-only (points) | server model (%) "
+        "| bytes/round | vs FedAvg, same models | rounds time (mean) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        gain = "-" if r["gain_points"] is None else f"{r['gain_points']:+.1f}"
         share = "-" if r["share_of_fedavg"] is None else f"{100 * r['share_of_fedavg']:.1f}%"
         lines.append(
-            f"| {r['algorithm']} | {_pct(r['students_mean'])} | {_pct(r['students_min'])} "
-            f"| {gain} | {_pct(r['server_model'])} | {_size(r['bytes_per_round'])} | {share} "
-            f"| {r['rounds_s']:.1f} s | {r['total_s']:.1f} s |"
+            f"| {r['algorithm']} | {_pm(r['students'])} | {_pm(r['gain_points'], True)} "
+            f"| {_pm(r['server_model'])} | {_size(r['bytes_per_round'])} | {share} "
+            f"| {r['rounds_s']:.1f} s |"
         )
     return "\n".join(lines) + "\n"
 
@@ -88,8 +110,8 @@ def plot(rows: list[dict], path: Path) -> None:
         color = f"C{i % 10}"  # one colour per algorithm in both panels
         curve = [math.nan if v is None else 100 * v for v in r["curve"]]  # None: no student
         left.plot(range(1, len(curve) + 1), curve, "o-", ms=3, color=color, label=r["algorithm"])
-        if r["bytes_per_round"] > 0:
-            xy = (r["bytes_per_round"] / 1024, 100 * r["students_mean"])
+        if r["bytes_per_round"] > 0 and r["students"][0] is not None:
+            xy = (r["bytes_per_round"] / 1024, 100 * r["students"][0])
             right.scatter(*xy, color=color)
             right.annotate(
                 r["algorithm"], xy, textcoords="offset points", xytext=(4, 4), fontsize=8
@@ -113,6 +135,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     parser.add_argument("overrides", nargs="*", help="field=value, applied to every run")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
@@ -126,18 +149,19 @@ def main(argv: list[str]) -> int:
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} ...", flush=True)
         overrides = [*args.overrides, f"baseline={str(name != 'local').lower()}"]
-        overrides.append(f"output_dir={out}")
+        overrides += [f"output_dir={out}", f"seeds={args.seeds}"]
         result = fedkd.run(_config(name), overrides, quiet=True)
         rows.append(_row(name, result))
         r = rows[-1]
         print(
-            f"    students {_pct(r['students_mean'])} (min {_pct(r['students_min'])}), "
-            f"server {_pct(r['server_model'])}, {_size(r['bytes_per_round'])}/round, "
-            f"{r['total_s']:.1f} s",
+            f"    students {_pm(r['students'])}%, vs local-only {_pm(r['gain_points'], True)} "
+            f"points, server {_pm(r['server_model'])}%, {_size(r['bytes_per_round'])}/round; "
+            f"{r['status']}",
             flush=True,
         )
         s = result.summary
-        setting = f"{s.data}; {s.clients} clients; {s.rounds} rounds; seed {result.config.seed}"
+        c = result.config
+        setting = f"{s.data}; {c.clients.count} clients; {c.rounds} rounds"
         # written after every run, so an interrupted comparison keeps what it has
         (out / "comparison.json").write_text(
             json.dumps({"setting": setting, "rows": rows}, indent=2)

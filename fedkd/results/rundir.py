@@ -72,6 +72,13 @@ class RunDirectory:
         save_config(config, path / "config.toml")
         return cls(path)
 
+    def child(self, name: str, config: Config) -> RunDirectory:
+        """A run folder ``name`` inside this one (one seed of a multi-seed run)."""
+        path = self.path / name
+        path.mkdir(parents=True)
+        save_config(config, path / "config.toml")
+        return RunDirectory(path)
+
     @property
     def clients_dir(self) -> Path:
         return self.path / "clients"
