@@ -460,7 +460,11 @@ class Config:
     # mixed precision: training forward passes under bfloat16 autocast (no loss scaling
     # needed, so nothing to checkpoint); predictions, payloads and DP-SGD stay float32
     amp: bool = False
-    baseline: bool = True  # also train every student on its private data alone
+    # attribution baselines, run after the federation and reported beside it: true (=
+    # ["local"]: every student on its private data alone), false, or a list of local,
+    # transfer (public-set transfer learning, no collaboration), fedavg (homogeneous
+    # students), centralised (all private data pooled: the upper bound)
+    baseline: bool | list[str] = True
     data: DataConfig = field(default_factory=DataConfig)
     # how the private set is split over the clients: iid, dirichlet, pathological,
     # shard, writer (FEMNIST's writers)
@@ -485,6 +489,17 @@ class Config:
             )
         if self.seed < 0:
             raise ConfigError("seed", f"must be >= 0, got {self.seed} (e.g. seed=0)")
+        if isinstance(self.baseline, bool):
+            object.__setattr__(self, "baseline", ["local"] if self.baseline else [])
+        known = ("local", "transfer", "fedavg", "centralised")
+        unknown = [b for b in self.baseline if b not in known]
+        if unknown or len(set(self.baseline)) != len(self.baseline):
+            raise ConfigError(
+                "baseline",
+                f"must be true, false or a list of distinct {', '.join(known)}; "
+                f"got {self.baseline!r}",
+            )
+        object.__setattr__(self, "baseline", [b for b in known if b in self.baseline])
         if isinstance(self.seeds, int):
             if self.seeds < 0:
                 raise ConfigError("seeds", f"must be a count >= 0 or a list, got {self.seeds}")

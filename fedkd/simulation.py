@@ -83,6 +83,7 @@ def check_config(config: Config) -> None:
         check_model_spec(spec, f"clients.model_groups.{key}")
     check_model_spec(config.server.teacher, "server.teacher")
     check_recipes(config)
+    _check_baselines(config)
     strategy = server_strategy(config)
     for cid in range(config.clients.count):
         client_strategy(config, cid)
@@ -393,29 +394,51 @@ def _run_baseline(
     out: RunDirectory,
     stop: threading.Event,
     records: list[RoundRecord],
+    name: str = "local",
 ) -> None:
-    """The same students trained on their private data alone (no federation), appended
-    to ``records`` round by round; Ctrl-C (``stop``) ends it between rounds."""
+    """Baseline ``name`` (:mod:`fedkd.baselines`), appended to ``records`` round by round
+    and to its file; Ctrl-C (``stop``) ends it between rounds."""
+    from fedkd.baselines import LABELS, baseline_config, run_centralised
     from fedkd.inline import InlineTransport
 
-    d = cfg.to_dict()  # every client local and honest: no per-client strategies, no faults
-    d["clients"] = {**d["clients"], "strategies": {}}
-    d.pop("faults", None)
-    local_cfg = load_config({**d, "strategy": {"name": "local"}})
+    file = "baseline.jsonl" if name == "local" else f"baseline-{name}.jsonl"
 
     def keep(r: RoundRecord) -> None:
         records.append(r)
-        out.append_round("baseline.jsonl", r)
+        out.append_round(file, r)
 
     def log(where: str, message: str, trace: str | None) -> None:
-        out.log_error(f"baseline, {where}", message, trace)
+        out.log_error(f"{LABELS[name]} baseline, {where}", message, trace)
 
     try:
-        Federation(local_cfg, data).run(
-            InlineTransport(local_cfg, str(data_path)), keep, stop=stop, errors=log
+        if name == "centralised":
+            run_centralised(cfg, data, stop, keep)
+            return
+        base = baseline_config(cfg, name)
+        Federation(base, data).run(
+            InlineTransport(base, str(data_path)), keep, stop=stop, errors=log
         )
     except RunFailed as err:
-        raise RunFailed(f"local-only baseline: {err}") from err.__cause__
+        raise RunFailed(f"{LABELS[name]} baseline: {err}") from err.__cause__
+
+
+def _check_baselines(config: Config) -> None:
+    """Each strategy baseline's own config checks (e.g. transfer needs public labels,
+    fedavg one architecture), as errors on ``baseline``."""
+    from fedkd.baselines import baseline_config
+
+    for name in _baselines_to_run(config):
+        if name == "centralised":
+            continue
+        try:
+            server_strategy(baseline_config(config, name))
+        except ConfigError as err:
+            raise ConfigError("baseline", f"the {name} baseline cannot run: {err}") from None
+
+
+def _baselines_to_run(cfg: Config) -> list[str]:
+    """``baseline``'s names, without the run's own strategy (local-only of a local run)."""
+    return [b for b in cfg.baseline if b != cfg.strategy.name]
 
 
 def _execute(
@@ -514,27 +537,33 @@ def _finish(
     federation = job.federation
     if job.error is not None and ended.error is None:  # failed, while other seeds went on
         ended.note(job.error, out)
-    baseline: list[RoundRecord] = []
+    from fedkd.baselines import LABELS
+
+    runs: dict[str, list[RoundRecord]] = {}
     b0 = None
     if not ended.interrupted and ended.error is None and stop.is_set():
         ended.interrupted = True
     if not ended.interrupted and ended.error is None:
         try:
             with ctrl_c_stops(stop):
-                if cfg.baseline and cfg.strategy.name != "local":
-                    what = "local-only baseline (same students, same budget, no federation)..."
-                    _say(quiet, what)
-                    b0 = time.time()
-                    _run_baseline(cfg, data, data_path, out, stop, baseline)
+                for name in _baselines_to_run(cfg):
+                    what = "(same students, same budget, no federation)"
+                    _say(quiet, f"{LABELS[name]} baseline {what}...")
+                    b0 = b0 or time.time()
+                    runs[name] = []
+                    _run_baseline(cfg, data, data_path, out, stop, runs[name], name)
         except BaseException as err:
             ended.note(err, out)
+    baseline = runs.pop("local", [])
+    every = [r for records in (baseline, *runs.values()) for r in records]
     records = federation.records
     timing = _timing(records, job.box, t0, b0)
     summary = summarize(
         cfg, records, baseline, _profiles(cfg, data), timing,
-        outcome_of(cfg, records, baseline, ended.error, ended.interrupted, federation.stopped),
+        outcome_of(cfg, records, every, ended.error, ended.interrupted, federation.stopped),
         test_size=len(data.test_y), uses_teacher=federation.strategy.uses_teacher,
         aggregations=federation.server.aggregations, resumed_from=resumed_from,
+        baselines=runs,
     )  # fmt: skip
     table = summary_table(summary)
     out.write_summary(summary, table)

@@ -4,4 +4,16 @@ Every module here uses only fedkd's public plug-in API (:mod:`fedkd.strategy`),
 exactly as a user's own strategy would. Importing this package registers them.
 """
 
-from strategies import cfd, cronus, dsfl, fd, fedavg, feddf, fedmd, kd, local, pate  # noqa: F401
+from strategies import (  # noqa: F401
+    cfd,
+    cronus,
+    dsfl,
+    fd,
+    fedavg,
+    feddf,
+    fedmd,
+    kd,
+    local,
+    pate,
+    transfer,
+)

@@ -64,7 +64,13 @@ def test_seeds_config_takes_a_count_or_a_list():
 
 # --- a multi-seed run under Flower + Ray ---------------------------------------------------
 
-SEEDS = [*SMALL, "rounds=2", "seeds=[0,1]", "privacy.audit=false"]
+SEEDS = [
+    *SMALL,
+    "rounds=2",
+    "seeds=[0,1]",
+    "privacy.audit=false",
+    'baseline=["local","centralised"]',
+]
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +102,14 @@ def test_a_multi_seed_run_writes_each_seed_and_the_statistics(seeds_run):
     assert float(rows[1]["students"]) == pytest.approx(per_seed[1], rel=1e-5)
     assert (run / "accuracy.png").stat().st_size > 0
     assert seeds_run.exit_code == 0
+    assert summary.metrics["centralised"].n == 2  # a baseline beside the federated result
+    assert (run / "seed-0" / "baseline-centralised.jsonl").is_file()
 
 
 @pytest.mark.simulation
 def test_each_seed_is_the_single_run_with_that_seed(seeds_run):
     """Seed 1 of the multi-seed run gives the numbers a run with seed=1 alone gives."""
-    cfg = load_config(None, [*SMALL, "rounds=2", "seed=1", "privacy.audit=false"])
+    cfg = load_config(None, [*SEEDS, "seeds=[]", "seed=1"])
     data, path = prepare_federated_data(cfg)
     alone = Federation(cfg, data).run(InlineTransport(cfg, str(path)))
     records = read_rounds(seeds_run.directory / "seed-1" / "metrics.jsonl")

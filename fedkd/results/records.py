@@ -330,6 +330,9 @@ class Final:
     gain_points: float | None
     teacher: float | None  # the global teacher, where the strategy has one
     server_model: float | None  # the teacher, or the strategy's own server model(s)
+    # the other attribution baselines (transfer, fedavg, centralised): students' final
+    # accuracies, each client with its own model (centralised: its architecture's)
+    baselines: dict[str, Stats] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -424,6 +427,7 @@ class RunSummary:
                 **f,
                 "students": Stats.from_json(f["students"]),
                 "local_only": Stats.from_json(f["local_only"]),
+                "baselines": {k: Stats.from_json(v) for k, v in f.get("baselines", {}).items()},
             }
         )
         d["architectures"] = tuple(

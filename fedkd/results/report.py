@@ -59,6 +59,11 @@ def summary_table(summary: RunSummary) -> str:
     for label, row in (("students, federated", f.students), ("students, local-only", f.local_only)):
         if row is not None:
             lines.append(f"{label:28}{_pct(row.mean):>8}{_pct(row.min):>8}{_pct(row.max):>8}")
+    from fedkd.baselines import LABELS
+
+    for name, row in f.baselines.items():
+        label = f"{LABELS.get(name, name)} (baseline)"
+        lines.append(f"{label:28}{_pct(row.mean):>8}{_pct(row.min):>8}{_pct(row.max):>8}")
     if f.gain_points is not None:
         lines.append(f"{'gain over local-only':28}{f.gain_points:>+7.1f} points (mean)")
     if f.teacher is not None:

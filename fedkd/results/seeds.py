@@ -34,6 +34,17 @@ METRICS: dict[str, tuple[str, Callable[[RunSummary], float | None], str]] = {
         "points",
     ),
     "server_model": ("server model test accuracy", lambda s: s.final.server_model, "%"),
+    "transfer": (
+        "transfer-only mean test accuracy",
+        lambda s: _baseline(s, "transfer"),
+        "%",
+    ),
+    "fedavg": ("FedAvg baseline mean test accuracy", lambda s: _baseline(s, "fedavg"), "%"),
+    "centralised": (
+        "centralised mean test accuracy",
+        lambda s: _baseline(s, "centralised"),
+        "%",
+    ),
     "bytes_per_round": (
         "bytes per round",
         lambda s: s.communication.bytes_per_round,
@@ -45,6 +56,10 @@ METRICS: dict[str, tuple[str, Callable[[RunSummary], float | None], str]] = {
 
 def _mean(stats: Any) -> float | None:
     return None if stats is None else stats.mean
+
+
+def _baseline(summary: RunSummary, name: str) -> float | None:
+    return _mean(summary.final.baselines.get(name))
 
 
 def t_quantile(df: int, level: float = 0.95) -> float:

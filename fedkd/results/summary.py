@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedkd.config import Config
@@ -126,7 +126,7 @@ def outcome_of(
         parts.append(failures.describe())
     local = Failures.of(baseline)
     if local.count:
-        parts.append(f"local-only baseline: {local.describe()}")
+        parts.append(f"baseline: {local.describe()}")
     if parts:
         return Outcome.COMPLETED_WITH_FAILURES, "completed with failures: " + " ".join(parts)
     return Outcome.COMPLETED, "completed"
@@ -144,6 +144,7 @@ def summarize(
     uses_teacher: bool,
     aggregations: int = 0,
     resumed_from: int | None = None,
+    baselines: Mapping[str, Sequence[RoundRecord]] | None = None,
 ) -> RunSummary:
     """The end-of-run summary (written to summary.json and printed as a table)."""
     from fedkd.client import student_spec
@@ -159,6 +160,11 @@ def summarize(
     # the architecture table compares students with the teacher only where there is one
     teacher_acc = server_acc if uses_teacher else None
     students, local_stats = Stats.of(fed.values()), Stats.of(local.values())
+    others = {}
+    for name, runs in (baselines or {}).items():
+        stats = Stats.of(final_accuracies(runs).values())
+        if stats is not None:
+            others[name] = stats
     gain = 100 * (students.mean - local_stats.mean) if students and local_stats else None
     up = sum(r.bytes_up for r in records)
     down = sum(r.bytes_down for r in records)
@@ -176,7 +182,7 @@ def summarize(
         data=f"{d.dataset} ({d.private} private / {d.public} public / {test_size} test), "
         f"partition {config.partition}",
         evaluation=f"the global held-out test set ({test_size} samples)",
-        final=Final(students, local_stats, gain, teacher_acc, server_acc),
+        final=Final(students, local_stats, gain, teacher_acc, server_acc, others),
         architectures=tuple(_architectures(config, model_of, profiles, fed, local, teacher_acc)),
         communication=Communication(
             bytes_up=up,

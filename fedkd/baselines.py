@@ -1,0 +1,134 @@
+"""Attribution baselines reported beside a federated run (``baseline = [...]``).
+
+- ``local``: the same students trained on their private data alone (strategy ``local``);
+- ``transfer``: FedMD's control, public-set transfer learning then private training,
+  no collaboration (strategy ``transfer``; FedMD's own epochs when the run is FedMD);
+- ``fedavg``: FedAvg on the same clients (homogeneous students only);
+- ``centralised``: the upper bound, one model per student architecture trained on all
+  clients' private data pooled, with the clients' recipe and the same number of epochs
+  (``rounds x clients.local_epochs``), evaluated on the same test set every round.
+
+Each runs in-process after the federation (no Flower), honest (no faults, no per-client
+strategies), and is written to ``baseline.jsonl`` (local) or ``baseline-<name>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from fedkd.client import resolve_device, student_spec
+from fedkd.config import Config, load_config
+from fedkd.data import FederatedData
+from fedkd.data.transforms import train_augment
+from fedkd.models import build_model
+from fedkd.recipes import Recipe
+from fedkd.results.records import ClientRecord, RoundRecord
+from fedkd.rounds import Interrupted, StopSignal
+from fedkd.seeding import derive_seed, torch_generator
+from fedkd.training import evaluate, make_optimizer, to_tensor, train_supervised
+
+#: the baselines ``baseline`` may name, in the order they run
+BASELINES = ("local", "transfer", "fedavg", "centralised")
+#: the label of each in tables
+LABELS = {
+    "local": "local-only",
+    "transfer": "transfer-only",
+    "fedavg": "FedAvg",
+    "centralised": "centralised",
+}
+
+
+def baseline_config(cfg: Config, name: str) -> Config:
+    """The config a strategy baseline runs with: every client honest and on the
+    baseline's strategy (no per-client strategies, no faults, no further baselines)."""
+    d = cfg.to_dict()
+    d["clients"] = {**d["clients"], "strategies": {}}
+    d.pop("faults", None)
+    d["baseline"] = False
+    d["seeds"] = []
+    strategy: dict = {"name": name}
+    if name == "transfer" and cfg.strategy.name == "fedmd":  # FedMD's own transfer phase
+        keep = ("transfer_epochs", "private_epochs")
+        strategy.update({k: v for k, v in cfg.strategy.params.items() if k in keep})
+    d["strategy"] = strategy
+    return load_config(d)
+
+
+def run_centralised(
+    cfg: Config,
+    data: FederatedData,
+    stop: StopSignal | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> list[RoundRecord]:
+    """One model per student architecture on the pooled private data of all clients.
+
+    Each round trains ``clients.local_epochs`` epochs with the clients' optimizer,
+    schedule, clipping, label smoothing and augmentation, then evaluates; every client
+    is reported with its architecture's model (so means weigh architectures as the
+    federation does)."""
+    device = resolve_device(cfg)
+    rows = torch.as_tensor(sorted(int(r) for part in data.parts for r in part), dtype=torch.long)
+    x = to_tensor(data.private_x, device)[rows.to(device)]
+    y = to_tensor(data.private_y, device)[rows.to(device)]
+    test_x, test_y = to_tensor(data.test_x, device), to_tensor(data.test_y, device)
+    specs = {cid: student_spec(cfg, cid) for cid in range(cfg.clients.count)}
+    models, optimizers = {}, {}
+    for key, spec in {str(spec): spec for spec in specs.values()}.items():
+        model = build_model(
+            spec, data.input_shape, data.num_classes, seed=derive_seed(cfg.seed, f"central:{key}")
+        ).to(device)
+        models[key], optimizers[key] = (
+            model,
+            make_optimizer(cfg.clients.optimizer, model, cfg.clients.lr),
+        )
+    augment = train_augment(cfg.data)
+    records: list[RoundRecord] = []
+    for rnd in range(1, cfg.rounds + 1):
+        if stop is not None and stop.is_set():
+            raise Interrupted(f"centralised baseline stopped before round {rnd}")
+        start = time.perf_counter()
+        accuracy = {}
+        for i, (key, model) in enumerate(models.items()):
+            gen = torch_generator(cfg.seed, "central", rnd, i)
+            aug_gen = torch_generator(cfg.seed, "central-augment", rnd, i)
+            train_supervised(
+                model,
+                optimizers[key],
+                x,
+                y,
+                epochs=cfg.clients.local_epochs,
+                batch_size=cfg.clients.batch_size,
+                generator=gen,
+                recipe=Recipe.of(cfg.clients, rnd, cfg.rounds, cfg.amp),
+                augment=(lambda b, g=aug_gen: augment(b, g)) if augment else None,
+            )
+            accuracy[key] = evaluate(model, test_x, test_y)
+        clients = {
+            cid: ClientRecord(
+                cid=cid,
+                model=str(spec),
+                accuracy=accuracy[str(spec)]["accuracy"],
+                loss=accuracy[str(spec)]["loss"],
+                num_examples=len(rows),
+                bytes_up=0,
+                bytes_down=0,
+            )
+            for cid, spec in specs.items()
+        }
+        record = RoundRecord(
+            round=rnd,
+            seconds=time.perf_counter() - start,
+            sampled=tuple(specs),
+            clients=clients,
+            failures=(),
+            server=None,
+            bytes_up=0,
+            bytes_down=0,
+        )
+        records.append(record)
+        if on_round is not None:
+            on_round(record)
+    return records
