@@ -1,5 +1,5 @@
 """Command line: ``fedkd run [config.toml] [field=value ...]``, ``fedkd resume RUN_DIR``,
-``fedkd bench``, ``fedkd compare``, ``fedkd list``.
+``fedkd bench``, ``fedkd compare``, ``fedkd reproduce``, ``fedkd list``.
 
 Exit codes: 0 completed; 1 failed; 2 bad config or input (nothing ran); 3 completed
 with failures; 4 stopped early (privacy budget); 130 interrupted. ``--allow-partial``
@@ -94,6 +94,47 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(text)
     return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    """List the papers, run a paper's real settings, or run offline twins and judge
+    their claims (exit 0: every claim holds, 1: some does not, 2: an error)."""
+    from pathlib import Path
+
+    from fedkd.config import ConfigError
+    from fedkd.reproduce import describe_twins, reproduce, run_real, twins
+
+    try:
+        known = twins()
+    except ConfigError as err:
+        print(f"fedkd reproduce: {err}", file=sys.stderr)
+        return 2
+    unknown = [n for n in args.items if n not in known]
+    if unknown:
+        print(
+            f"fedkd reproduce: unknown paper {unknown[0]!r}; known: {', '.join(known)}",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.items and not args.offline:
+        print(describe_twins(), end="")
+        return 0
+    if not args.offline:
+        for name in args.items:
+            try:
+                run_real(name, seeds=args.seeds, quiet=args.quiet)
+            except ConfigError as err:
+                print(f"fedkd reproduce: config error: {err}", file=sys.stderr)
+                return 2
+        return 0
+    names = args.items or list(known)
+    out = Path(args.out or f"runs/reproduce-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = reproduce(names, out, seeds=args.seeds, quick=args.quick, quiet=args.quiet)
+    if args.quiet:
+        print((out / "claims.md").read_text(), end="")
+    for error in result.errors:
+        print(f"fedkd reproduce: {error}", file=sys.stderr)
+    return result.exit_code
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -194,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("items", nargs="+", help="RUN_A RUN_B [RUN_C ...]: each B against A")
     cmp.add_argument("--out", help="also write the comparison to this file")
     cmp.set_defaults(fn=_compare)
+    rep = sub.add_parser("reproduce", help="the papers' settings and claims (see --offline)")
+    rep.add_argument("items", nargs="*", help="paper names (none: list them, or all)")
+    rep.add_argument("--offline", action="store_true", help="run the offline twins, judge claims")
+    rep.add_argument("--seeds", default=None, help="5 (seeds 0..4) or [11,12,13]")
+    rep.add_argument("--quick", action="store_true", help="fewer rounds (the twins' quick set)")
+    rep.add_argument("--out", default=None, help="folder for the runs and the claim table")
+    rep.add_argument("-q", "--quiet", action="store_true", help="print only the claim table")
+    rep.set_defaults(fn=_reproduce)
     lst = sub.add_parser("list", help="list registered plug-ins")
     lst.add_argument(
         "--input",

@@ -242,12 +242,35 @@ class ClientRuntime:
     def _evaluate(self, node: ClientNode) -> dict[str, float]:
         """Test metrics of the student, and the membership audit where asked for."""
         metrics = node.evaluate()
+        metrics["own_accuracy"] = own_accuracy(node)
         if self.config.privacy.audit:
             from fedkd.privacy.audit import loss_attack
 
             members = node.private_data()
             metrics.update(loss_attack(node.model, members, (node.test_x, node.test_y)))
         return metrics
+
+
+def own_accuracy(node: ClientNode) -> float:
+    """The student's accuracy on the client's own test distribution: per-class accuracy
+    on the global test set, weighted by the client's private label shares (FedMD and
+    DS-FL report per-client accuracy; the global test set has every class). A
+    measurement of the simulator (like the membership audit), not a release."""
+    from fedkd.training import predict_logits
+
+    _, y = node.private_data()
+    shares = torch.bincount(y.cpu(), minlength=node.num_classes).double()
+    shares = shares / shares.sum().clamp(min=1)
+    pred = predict_logits(node.model, node.test_x).argmax(-1).cpu()
+    test_y = node.test_y.cpu()
+    hits = torch.zeros(node.num_classes, dtype=torch.float64).index_add_(
+        0, test_y, (pred == test_y).double()
+    )
+    counts = torch.bincount(test_y, minlength=node.num_classes).double()
+    present = counts > 0  # classes the test set lacks carry no weight (renormalised)
+    per_class = torch.where(present, hits / counts.clamp(min=1), torch.zeros_like(hits))
+    weight = shares * present
+    return float((weight * per_class).sum() / weight.sum()) if weight.sum() > 0 else 0.0
 
 
 _RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}

@@ -465,6 +465,9 @@ class Config:
     # transfer (public-set transfer learning, no collaboration), fedavg (homogeneous
     # students), centralised (all private data pooled: the upper bound)
     baseline: bool | list[str] = True
+    # target accuracies (fractions, e.g. [0.3, 0.35]): the summary reports the first
+    # round in which the students' mean reached each, and the bytes sent until then
+    targets: list[float] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     # how the private set is split over the clients: iid, dirichlet, pathological,
     # shard, writer (FEMNIST's writers)
@@ -489,6 +492,9 @@ class Config:
             )
         if self.seed < 0:
             raise ConfigError("seed", f"must be >= 0, got {self.seed} (e.g. seed=0)")
+        for t in self.targets:
+            if not 0 < t <= 1:
+                raise ConfigError("targets", f"accuracies are fractions in (0, 1], got {t!r}")
         if isinstance(self.baseline, bool):
             object.__setattr__(self, "baseline", ["local"] if self.baseline else [])
         known = ("local", "transfer", "fedavg", "centralised")

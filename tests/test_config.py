@@ -114,7 +114,7 @@ def test_override_values_are_parsed_as_toml():
         ],
     )
     assert cfg.clients.models == [Spec("logreg"), Spec("mlp")]
-    assert cfg.baseline is False
+    assert cfg.baseline == []  # false: no baseline
     assert cfg.clients.lr == 1.0 and type(cfg.clients.lr) is float
     assert cfg.name == "my run"
     assert cfg.clients.model_groups == {"0-4": Spec("logreg")}

@@ -333,6 +333,9 @@ class Final:
     # the other attribution baselines (transfer, fedavg, centralised): students' final
     # accuracies, each client with its own model (centralised: its architecture's)
     baselines: dict[str, Stats] = field(default_factory=dict)
+    # students on their own test distribution (global test set, weighted per class by
+    # each client's private label shares)
+    students_own: Stats | None = None
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,10 @@ class Communication:
     fedavg_bytes: int
     fedavg_bytes_per_round: float
     share_of_fedavg: float | None
+    # per target accuracy (config `targets`, as a string key "0.35"): the first round in
+    # which the students' mean reached it and the bytes sent up to and including it;
+    # None where it was never reached
+    to_target: dict[str, dict[str, int] | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -427,6 +434,7 @@ class RunSummary:
                 **f,
                 "students": Stats.from_json(f["students"]),
                 "local_only": Stats.from_json(f["local_only"]),
+                "students_own": Stats.from_json(f.get("students_own")),
                 "baselines": {k: Stats.from_json(v) for k, v in f.get("baselines", {}).items()},
             }
         )

@@ -56,7 +56,12 @@ def summary_table(summary: RunSummary) -> str:
         "",
         f"{'':28}{'mean':>8}{'min':>8}{'max':>8}",
     ]
-    for label, row in (("students, federated", f.students), ("students, local-only", f.local_only)):
+    rows = (
+        ("students, federated", f.students),
+        ("  on own distribution", f.students_own),
+        ("students, local-only", f.local_only),
+    )
+    for label, row in rows:
         if row is not None:
             lines.append(f"{label:28}{_pct(row.mean):>8}{_pct(row.min):>8}{_pct(row.max):>8}")
     from fedkd.baselines import LABELS
@@ -97,6 +102,9 @@ def summary_table(summary: RunSummary) -> str:
         f"(median {_secs(t.get('median_round_s'), 2)}/round), "
         f"baseline {_secs(t.get('baseline_s'))}, total {_secs(t.get('total_s'))}",
     ]
+    for target, hit in c.to_target.items():
+        reached = f"round {hit['round']}, after {_bytes(hit['bytes'])}" if hit else "not reached"
+        lines.append(f"students' mean at {100 * float(target):g}%: {reached}")
     if summary.aggregator != "mean":
         lines.append(
             f"aggregator: {summary.aggregator}, applied in {summary.aggregations} aggregation(s)"

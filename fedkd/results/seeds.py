@@ -27,6 +27,11 @@ SEEDS_KIND = "seeds"
 #: the metrics reported across seeds: name -> (label, getter on a RunSummary, unit)
 METRICS: dict[str, tuple[str, Callable[[RunSummary], float | None], str]] = {
     "students": ("students' mean test accuracy", lambda s: _mean(s.final.students), "%"),
+    "students_own": (
+        "students on their own test distribution",
+        lambda s: _mean(s.final.students_own),
+        "%",
+    ),
     "local_only": ("local-only mean test accuracy", lambda s: _mean(s.final.local_only), "%"),
     "gain_points": (
         "gain over local-only (points)",
@@ -50,12 +55,33 @@ METRICS: dict[str, tuple[str, Callable[[RunSummary], float | None], str]] = {
         lambda s: s.communication.bytes_per_round,
         "bytes",
     ),
+    "bytes_up_per_round": (
+        "bytes up per round",
+        lambda s: s.communication.bytes_up / max(s.rounds_completed, 1),
+        "bytes",
+    ),
     "rounds_s": ("seconds in rounds", lambda s: s.timing.get("rounds_s"), "s"),
+    "rounds_to_target": (
+        "rounds to the first target accuracy",
+        lambda s: _first_target(s, "round"),
+        "rounds",
+    ),
+    "bytes_to_target": (
+        "bytes to the first target accuracy",
+        lambda s: _first_target(s, "bytes"),
+        "bytes",
+    ),
 }
 
 
 def _mean(stats: Any) -> float | None:
     return None if stats is None else stats.mean
+
+
+def _first_target(summary: RunSummary, key: str) -> float | None:
+    """Rounds or bytes to the first configured target (None: none set, or not reached)."""
+    hits = list(summary.communication.to_target.values())
+    return None if not hits or hits[0] is None else float(hits[0][key])
 
 
 def _baseline(summary: RunSummary, name: str) -> float | None:
@@ -139,7 +165,9 @@ def _formatter(unit: str) -> Callable[[float], str]:
 
 
 def _suffix(unit: str) -> str:
-    return {"%": "%", "points": " points", "bytes": " B", "s": " s"}.get(unit, "")
+    return {"%": "%", "points": " points", "bytes": " B", "s": " s", "rounds": " rounds"}.get(
+        unit, ""
+    )
 
 
 @dataclass(frozen=True)
@@ -395,7 +423,8 @@ def plot_seeds(curves: Mapping[int, tuple[list[Any], list[Any]]], path: Path, ti
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{title} (band: +- 1 std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # (nothing to plot when every seed failed)
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -29,6 +29,33 @@ def final_accuracies(records: Sequence[RoundRecord]) -> dict[int, float]:
     return out
 
 
+def final_metric(records: Sequence[RoundRecord], key: str) -> dict[int, float]:
+    """Each honest client's last reported value of metric ``key`` (where it has one)."""
+    out: dict[int, float] = {}
+    for r in records:
+        for cid, c in r.clients.items():
+            if not c.byzantine and key in c.metrics:
+                out[cid] = c.metrics[key]
+    return out
+
+
+def to_targets(
+    records: Sequence[RoundRecord], targets: Sequence[float]
+) -> dict[str, dict[str, int] | None]:
+    """For each target accuracy: the first round whose students' mean reached it and the
+    bytes (up + down) sent until the end of that round; None if never reached."""
+    out: dict[str, dict[str, int] | None] = {}
+    for target in targets:
+        sent, hit = 0, None
+        for r in records:
+            sent += r.bytes_up + r.bytes_down
+            if r.students is not None and r.students.mean >= target:
+                hit = {"round": r.round, "bytes": sent}
+                break
+        out[f"{target:g}"] = hit
+    return out
+
+
 def _fedavg_bytes(
     records: Sequence[RoundRecord], model_of: dict[int, str], profiles: dict[str, dict[str, Any]]
 ) -> int:
@@ -182,7 +209,15 @@ def summarize(
         data=f"{d.dataset} ({d.private} private / {d.public} public / {test_size} test), "
         f"partition {config.partition}",
         evaluation=f"the global held-out test set ({test_size} samples)",
-        final=Final(students, local_stats, gain, teacher_acc, server_acc, others),
+        final=Final(
+            students,
+            local_stats,
+            gain,
+            teacher_acc,
+            server_acc,
+            others,
+            Stats.of(final_metric(records, "own_accuracy").values()),
+        ),
         architectures=tuple(_architectures(config, model_of, profiles, fed, local, teacher_acc)),
         communication=Communication(
             bytes_up=up,
@@ -191,6 +226,7 @@ def summarize(
             fedavg_bytes=fedavg,
             fedavg_bytes_per_round=fedavg / n,
             share_of_fedavg=(up + down) / fedavg if fedavg else None,
+            to_target=to_targets(records, config.targets),
         ),
         timing=timing,
         failures=Failures.of(records),
