@@ -288,13 +288,13 @@ def run_seeds(cfg: Config, *, quiet: bool = False, t0: float | None = None) -> S
             ended = _Ended()
             ended.interrupted, ended.error = shared.interrupted, shared.error
             data, data_path = prepared[seed]
-            _say(quiet, f"\nseed {seed}:")
             # the shared start-up (Ray, the clients) is counted in the first seed's time
             start = t0 if first else job.box.get("rounds_started", t0)
             first = False
             results[seed], _ = _finish(
-                configs[seed], data, data_path, outs[seed], job, ended, stop, quiet, start
-            )
+                configs[seed], data, data_path, outs[seed], job, ended, stop, quiet, start,
+                one_of_seeds=True,
+            )  # fmt: skip
     result = _write_seeds(cfg, parent, results, jobs, quiet)
     if result.summary.outcome is Outcome.INTERRUPTED and stop.is_set():
         raise KeyboardInterrupt(result.summary.status)
@@ -529,9 +529,11 @@ def _finish(
     quiet: bool,
     t0: float,
     resumed_from: int | None = None,
+    one_of_seeds: bool = False,
 ) -> tuple[RunResult, _Ended]:
     """After the federated rounds: the baseline (unless the run already ended badly),
-    then the summary, its table and the plot. Never raises for a run's ending."""
+    then the summary, its table and the plot. Never raises for a run's ending.
+    ``one_of_seeds``: print one status line instead of the table (it is on disk)."""
     from fedkd.flower import ctrl_c_stops
 
     federation = job.federation
@@ -548,7 +550,8 @@ def _finish(
             with ctrl_c_stops(stop):
                 for name in _baselines_to_run(cfg):
                     what = "(same students, same budget, no federation)"
-                    _say(quiet, f"{LABELS[name]} baseline {what}...")
+                    if not one_of_seeds:
+                        _say(quiet, f"{LABELS[name]} baseline {what}...")
                     b0 = b0 or time.time()
                     runs[name] = []
                     _run_baseline(cfg, data, data_path, out, stop, runs[name], name)
@@ -570,7 +573,10 @@ def _finish(
     if records:
         title = f"{cfg.name}: {cfg.strategy} on {cfg.data.dataset}"
         plot_accuracy(records, baseline, out.path / "accuracy.png", title)
-    _say(quiet, "\n" + table + f"results: {out.path}")
+    if one_of_seeds:
+        _say(quiet, f"seed {cfg.seed}: {summary.status} ({out.path.name}/summary.txt)")
+    else:
+        _say(quiet, "\n" + table + f"results: {out.path}")
     sys.stdout.flush()
     return RunResult(cfg, out.path, list(records), summary, baseline), ended
 

@@ -9,11 +9,16 @@ distils every prototype on the unlabelled public set towards the ensemble of
 (AVGLOGITS), KL at temperature ``temperature``, Adam at ``server.lr``. Each client
 receives its architecture's distilled prototype next round.
 
-Deviations: a fixed ``server.epochs`` passes over the round's public subset with
-a fresh optimizer at a constant rate, instead of the paper's up to 10^4 steps of
-Adam with cosine annealing, gradient clipping at 5 and early stopping on a
-server-side validation split (returning the best checkpoint); the KL carries a
-T^2 factor (none in the paper, equal at the default T = 1).
+Architectures with no client in a round keep their model (Algorithm 1 fuses the
+received models only).
+
+Deviations: a fixed ``server.epochs`` passes over the round's public subset with a
+fresh optimizer, instead of the paper's up to 10^4 steps with early stopping on a
+server-side validation split (returning the best checkpoint); the paper's cosine
+annealing and clipping at 5 are ``server.schedule = { name = "cosine", clock = "step" }``
+and ``server.grad_clip = 5`` (the default is a constant rate, no clipping); the KL
+carries a T^2 factor (none in the paper, equal at the default T = 1); ``weighted``
+defaults to a size-weighted average, the authors' code averages uniformly.
 
 BatchNorm: the ensemble's logits come from each client model in eval mode (its own
 running statistics). The per-architecture average covers BatchNorm's running
@@ -99,12 +104,16 @@ class FedDFServer(ServerStrategy):
                 logits[cid] = server.logits(prototype, server.public_idx)
             avg = Weights.mean([payloads[c] for c in cids], [size[c] for c in cids])  # type: ignore[misc]
             load_weights(prototype, avg)
+        server.state["fused"] = sorted(groups)  # the architectures that took part this round
         return server.combine(logits)  # AVGLOGITS: the uniform mean, as in the paper
 
     def distill(self, server: ServerNode, aggregate: Payload) -> Metrics:
         assert isinstance(aggregate, Logits)
         out: Metrics = {}
+        fused = set(server.state.get("fused", server.state["models"]))
         for arch, model in server.state["models"].items():
+            if arch not in fused:  # no client of it this round: it keeps its model (Alg. 1)
+                continue
             before = server.evaluate(model)["accuracy"]
             m = server.distill_into(
                 model, server.make_optimizer(model), aggregate, temperature=self.params.temperature

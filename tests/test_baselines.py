@@ -96,3 +96,23 @@ def test_summary_keeps_the_baselines_and_reads_them_back():
     assert summary.final.baselines["centralised"].count == cfg.clients.count
     back = RunSummary.from_json(summary.to_json())
     assert back.final.baselines == summary.final.baselines
+
+
+def test_feddf_leaves_an_architecture_without_clients_this_round_alone():
+    """Algorithm 1 fuses the received models: a prototype no client trained this round
+    is not distilled (it keeps its model)."""
+    cfg = load_config(
+        None,
+        [*BASE, "rounds=4", "strategy=feddf", "clients.fraction=0.25", "baseline=false"],
+    )  # one client of four per round: one architecture of two takes part
+    data, path = prepare_federated_data(cfg)
+    federation = Federation(cfg, data)
+    records = federation.run(InlineTransport(cfg, str(path)))
+    server = federation.server
+    seen: set[str] = set()
+    for r in records:
+        present = {str(server.student_spec(c)) for c in r.sampled}
+        seen |= present
+        distilled = {k.split("/", 1)[1] for k in (r.server or {}) if k.startswith("kd/")}
+        assert distilled == present, r.round
+    assert len(seen) == 2  # both architectures took part in some round, not every round
