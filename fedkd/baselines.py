@@ -30,8 +30,6 @@ from fedkd.rounds import Interrupted, StopSignal
 from fedkd.seeding import derive_seed, torch_generator
 from fedkd.training import evaluate, make_optimizer, to_tensor, train_supervised
 
-#: the baselines ``baseline`` may name, in the order they run
-BASELINES = ("local", "transfer", "fedavg", "centralised")
 #: the label of each in tables
 LABELS = {
     "local": "local-only",
@@ -103,7 +101,7 @@ def run_centralised(
                 batch_size=cfg.clients.batch_size,
                 generator=gen,
                 recipe=Recipe.of(cfg.clients, rnd, cfg.rounds, cfg.amp),
-                augment=(lambda b, g=aug_gen: augment(b, g)) if augment else None,
+                augment=augment.bound(aug_gen),
             )
             accuracy[key] = evaluate(model, test_x, test_y)
         clients = {

@@ -28,7 +28,7 @@ from fedkd.privacy.noise import NoiseSource
 from fedkd.seeding import derive_seed, torch_generator
 from fedkd.state_store import DiskStateStore, MemoryStateStore, StateStore
 from fedkd.strategy import ClientNode, client_strategy, server_strategy
-from fedkd.training import make_optimizer, to_tensor
+from fedkd.training import logit_metrics, make_optimizer, predict_logits, to_tensor
 
 
 def student_spec(config: Config, cid: int) -> Spec:
@@ -241,8 +241,9 @@ class ClientRuntime:
 
     def _evaluate(self, node: ClientNode) -> dict[str, float]:
         """Test metrics of the student, and the membership audit where asked for."""
-        metrics = node.evaluate()
-        metrics["own_accuracy"] = own_accuracy(node)
+        logits = predict_logits(node.model, node.test_x)  # once, for both metrics
+        metrics = logit_metrics(logits, node.test_y)  # what node.evaluate() gives
+        metrics["own_accuracy"] = own_accuracy(node, logits)
         if self.config.privacy.audit:
             from fedkd.privacy.audit import loss_attack
 
@@ -251,17 +252,18 @@ class ClientRuntime:
         return metrics
 
 
-def own_accuracy(node: ClientNode) -> float:
+def own_accuracy(node: ClientNode, logits: torch.Tensor | None = None) -> float:
     """The student's accuracy on the client's own test distribution: per-class accuracy
     on the global test set, weighted by the client's private label shares (FedMD and
-    DS-FL report per-client accuracy; the global test set has every class). A
-    measurement of the simulator (like the membership audit), not a release."""
-    from fedkd.training import predict_logits
-
+    DS-FL report per-client accuracy; the global test set has every class). ``logits``:
+    the student's on the test set, if already computed. A measurement of the simulator
+    (like the membership audit), not a release."""
     _, y = node.private_data()
     shares = torch.bincount(y.cpu(), minlength=node.num_classes).double()
     shares = shares / shares.sum().clamp(min=1)
-    pred = predict_logits(node.model, node.test_x).argmax(-1).cpu()
+    if logits is None:
+        logits = predict_logits(node.model, node.test_x)
+    pred = logits.argmax(-1).cpu()
     test_y = node.test_y.cpu()
     hits = torch.zeros(node.num_classes, dtype=torch.float64).index_add_(
         0, test_y, (pred == test_y).double()

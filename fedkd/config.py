@@ -96,6 +96,9 @@ OFFICIAL_DATASETS = (
 
 _PUBLIC_KEYS = ("dataset", "split", "size", "labelled")
 
+#: the attribution baselines ``baseline`` may name, in the order they run (fedkd.baselines)
+BASELINES = ("local", "transfer", "fedavg", "centralised")
+
 #: ``data.augment`` settings (fedkd.data.transforms.augment_for)
 AUGMENT_CHOICES = ("auto", "none", "crop", "flip", "crop+flip")
 
@@ -497,7 +500,7 @@ class Config:
                 raise ConfigError("targets", f"accuracies are fractions in (0, 1], got {t!r}")
         if isinstance(self.baseline, bool):
             object.__setattr__(self, "baseline", ["local"] if self.baseline else [])
-        known = ("local", "transfer", "fedavg", "centralised")
+        known = BASELINES
         unknown = [b for b in self.baseline if b not in known]
         if unknown or len(set(self.baseline)) != len(self.baseline):
             raise ConfigError(

@@ -232,15 +232,3 @@ def check_recipes(config: Config) -> None:
             "under DP-SGD each sample's gradient is clipped to privacy.max_grad_norm; a "
             "clip of the summed, noised gradient would add nothing; set clients.grad_clip = 0",
         )
-
-
-def describe(settings: ClientsConfig | ServerConfig) -> str:
-    """One line: ``sgd(momentum=0.9) lr 0.1, cosine(clock='round'), clip 5, smoothing 0.1``."""
-    parts = [f"{settings.optimizer} lr {settings.lr:g}"]
-    if settings.schedule.name != "constant" or settings.schedule.params:
-        parts.append(str(settings.schedule))
-    if settings.grad_clip > 0:
-        parts.append(f"clip {settings.grad_clip:g}")
-    if getattr(settings, "label_smoothing", 0.0) > 0:
-        parts.append(f"label smoothing {settings.label_smoothing:g}")  # type: ignore[union-attr]
-    return ", ".join(parts)

@@ -43,7 +43,7 @@ import tomllib
 
 from fedkd.config import ConfigError
 from fedkd.results.records import RunSummary
-from fedkd.results.seeds import METRICS, Spread
+from fedkd.results.seeds import METRICS, Spread, paired
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = ROOT / "simulations" / "papers" / "offline"
@@ -163,18 +163,10 @@ class Verdict:
 def judge(claim: Claim, results: Mapping[str, Mapping[int, RunSummary]]) -> Verdict:
     """Judge ``claim`` on ``results`` (run name -> seed -> summary), pairing seeds."""
     (ra, ma), (rb, mb) = claim.parts("a"), claim.parts("b")
-    get_a, get_b = METRICS[ma][1], METRICS[mb][1]
-    sa, sb = results.get(ra, {}), results.get(rb, {})
-    seeds = sorted(set(sa) & set(sb))
-    pairs = [(s, get_a(sa[s]), get_b(sb[s])) for s in seeds]
-    pairs = [(s, x, y) for s, x, y in pairs if x is not None and y is not None]
-    if not pairs:
+    spreads = paired(results.get(ra, {}), results.get(rb, {}), ma, mb)
+    if spreads is None:
         return Verdict(claim, None, None, None, None, "no seed has both values")
-    keep = [s for s, _, _ in pairs]
-    a = Spread.of(keep, [x for _, x, _ in pairs])
-    b = Spread.of(keep, [y for _, _, y in pairs])
-    d = Spread.of(keep, [y - x for _, x, y in pairs])
-    assert a is not None and b is not None and d is not None
+    a, b, d = spreads
     if claim.kind == "greater":
         holds = d.mean > 0 and (d.ci is None or d.ci[0] > 0)
         why = "B > A, 95% CI of B - A above 0" if holds else "95% CI of B - A includes 0 or below"

@@ -10,6 +10,7 @@ summary, whose status says how the run ended (:class:`fedkd.results.Outcome`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import statistics
 import sys
@@ -43,7 +44,7 @@ from fedkd.results import (
 )
 from fedkd.results.records import write_jsonl
 from fedkd.results.rundir import atomic_write_text
-from fedkd.results.seeds import SeedsSummary, plot_seeds, seed_folders, write_csv, write_json
+from fedkd.results.seeds import SeedsSummary, plot_seeds, seed_folders, write_csv
 from fedkd.results.summary import outcome_of, summarize
 from fedkd.rounds import Federation, Interrupted, RunFailed, sample_clients
 from fedkd.strategy import client_strategy, server_strategy
@@ -213,12 +214,17 @@ def run(
         return run_seeds(cfg, quiet=quiet, t0=t0)  # type: ignore[return-value]
     data, data_path = _prepare(cfg)
     out = RunDirectory.create(cfg)
-    _say(
-        quiet,
-        f"fedkd: {cfg.name}: {cfg.clients.count} clients, {cfg.rounds} rounds, strategy "
-        f"{cfg.strategy}{_device_note(cfg)}; results in {out.path}",
-    )
+    _say(quiet, _header(cfg, out.path))
     return _execute(cfg, data, data_path, out, Federation(cfg, data), quiet=quiet, t0=t0)
+
+
+def _header(cfg: Config, path: Path) -> str:
+    """The run's first line: what runs, on what, and where the results go."""
+    seeds = f", seeds {list(cfg.seeds)}" if cfg.seeds else ""
+    return (
+        f"fedkd: {cfg.name}: {cfg.clients.count} clients, {cfg.rounds} rounds, strategy "
+        f"{cfg.strategy}{seeds}{_device_note(cfg)}; results in {path}"
+    )
 
 
 def _device_note(cfg: Config) -> str:
@@ -260,11 +266,7 @@ def run_seeds(cfg: Config, *, quiet: bool = False, t0: float | None = None) -> S
     prepared = {seed: _prepare(c) for seed, c in configs.items()}
     parent = RunDirectory.create(cfg)
     outs = {seed: parent.child(f"seed-{seed}", configs[seed]) for seed in cfg.seeds}
-    _say(
-        quiet,
-        f"fedkd: {cfg.name}: {cfg.clients.count} clients, {cfg.rounds} rounds, strategy "
-        f"{cfg.strategy}, seeds {list(cfg.seeds)}{_device_note(cfg)}; results in {parent.path}",
-    )
+    _say(quiet, _header(cfg, parent.path))
     jobs = {}
     for seed, c in configs.items():
         data, data_path = prepared[seed]
@@ -374,7 +376,7 @@ def _write_seeds(
     summary = SeedsSummary.of(
         cfg.name, {seed: results[seed].summary if seed in results else None for seed in seeds}
     )
-    write_json(parent.path / "summary.json", summary.to_json())
+    atomic_write_text(parent.path / "summary.json", json.dumps(summary.to_json(), indent=2))
     table = summary.table()
     atomic_write_text(parent.path / "summary.txt", table)
     write_csv(parent.path / "seeds.csv", {s: r.summary for s, r in results.items()})

@@ -139,16 +139,6 @@ def load_weights(model: nn.Module, weights: Weights) -> None:
     )
 
 
-def _augmenter(
-    augment: Augment, generator: torch.Generator | None, fallback: torch.Generator
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``augment`` drawing from ``generator`` (else ``fallback``); None when it is off."""
-    if not augment:
-        return None
-    gen = generator if generator is not None else fallback
-    return lambda x: augment(x, gen)
-
-
 _STORED = "__fedkd_stored__"  # the stored values' key in a node's pickled state
 
 
@@ -261,7 +251,7 @@ class ClientNode:
 
     def augmenter(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``augment`` as a batch -> batch function on its own generator (None if off)."""
-        return _augmenter(self.augment, self.augment_generator, self.generator)
+        return self.augment.bound(self.augment_generator or self.generator)
 
     @property
     def dpsgd(self) -> bool:
@@ -577,7 +567,7 @@ class ServerNode:
             batch_size=self.settings.batch_size,
             generator=self.generator,
             recipe=self.recipe,
-            augment=_augmenter(self.augment, self.augment_generator, self.generator)
+            augment=self.augment.bound(self.augment_generator or self.generator)
             if augment
             else None,
         )

@@ -184,7 +184,12 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Accuracy and mean cross-entropy on (x, y)."""
-    logits = predict_logits(model, x)
+    return logit_metrics(predict_logits(model, x), y)
+
+
+@torch.no_grad()
+def logit_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``logits`` against labels ``y``."""
     return {
         "accuracy": float((logits.argmax(-1) == y).float().mean()),
         "loss": float(F.cross_entropy(logits, y)),

@@ -54,13 +54,31 @@ class FedMDParams:
             raise ConfigError("loss", f"must be mae, mse or soft_kl (on logits), got {self.loss!r}")
 
 
+def transfer_learning(node: ClientNode, transfer_epochs: int, private_epochs: int) -> None:
+    """FedMD's transfer phase: the labelled public set, then the private set."""
+    node.train_on(node.public_x, node.public_y, epochs=transfer_epochs)
+    node.train_private(epochs=private_epochs)
+
+
+def check_labelled_public(config: Config, strategy: str) -> None:
+    """Refuse an unlabelled proxy set for a strategy that trains on the public labels."""
+    public = config.data.public
+    if getattr(public, "is_proxy", False) and not public.labelled:
+        raise ConfigError(
+            "data.public.labelled",
+            f"{strategy} needs a labelled public set, but the proxy set {public.dataset} is "
+            "unlabelled (public_y is -1); set data.public.labelled = true with a proxy of "
+            "the private dataset, use an int data.public (a labelled slice of the private "
+            "data) or another strategy",
+        )
+
+
 @CLIENT_STRATEGIES.register("fedmd")
 class FedMDClient(ClientStrategy):
     Params = FedMDParams
 
     def setup(self, node: ClientNode) -> None:
-        node.train_on(node.public_x, node.public_y, epochs=self.params.transfer_epochs)
-        node.train_private(epochs=self.params.private_epochs)
+        transfer_learning(node, self.params.transfer_epochs, self.params.private_epochs)
 
     def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
         p, out = self.params, {}
@@ -87,15 +105,7 @@ class FedMDServer(ServerStrategy):
     @classmethod
     def check_config(cls, config: Config) -> None:
         """FedMD's transfer phase trains on the public labels: refuse an unlabelled proxy set."""
-        public = config.data.public
-        if getattr(public, "is_proxy", False) and not public.labelled:
-            raise ConfigError(
-                "data.public.labelled",
-                f"fedmd needs a labelled public set, but the proxy set {public.dataset} is "
-                "unlabelled (public_y is -1); set data.public.labelled = true with a proxy of "
-                "the private dataset, use an int data.public (a labelled slice of the private "
-                "data) or another strategy",
-            )
+        check_labelled_public(config, "fedmd")
 
     def aggregates_by_mean(self) -> bool:
         return True

@@ -5,27 +5,18 @@ be split into what the public labels give and what collaboration gives.
 
 The setup is FedMD's (``transfer_epochs`` on the public set, then ``private_epochs`` on
 the private set, the first time a client is sampled); every round then trains
-``clients.local_epochs`` on the private data, as FedMD's revisit does by default.
-Nothing is sent. Needs a labelled public set (refused otherwise, as FedMD is).
+``clients.local_epochs`` on the private data, as local-only training does. Nothing is
+sent. Needs a labelled public set (refused otherwise, as FedMD is).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from fedkd.config import Config, ConfigError
-from fedkd.payloads import Payload
-from fedkd.strategy import (
-    CLIENT_STRATEGIES,
-    SERVER_STRATEGIES,
-    ClientNode,
-    ClientStrategy,
-    Metrics,
-    ServerNode,
-    ServerStrategy,
-)
+from fedkd.strategy import CLIENT_STRATEGIES, SERVER_STRATEGIES, ClientNode
+from strategies.fedmd import check_labelled_public, transfer_learning
+from strategies.local import LocalClient, LocalServer
 
 
 @dataclass(frozen=True)
@@ -40,41 +31,22 @@ class TransferParams:
 
 
 @CLIENT_STRATEGIES.register("transfer")
-class TransferClient(ClientStrategy):
-    """Public-set transfer learning once, then private training only; sends nothing."""
+class TransferClient(LocalClient):
+    """FedMD's transfer learning once, then local-only training; sends nothing."""
 
     Params = TransferParams
 
     def setup(self, node: ClientNode) -> None:
-        node.train_on(node.public_x, node.public_y, epochs=self.params.transfer_epochs)
-        node.train_private(epochs=self.params.private_epochs)
-
-    def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
-        return node.train_private()
-
-    def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload | None:
-        return None
+        transfer_learning(node, self.params.transfer_epochs, self.params.private_epochs)
 
 
 @SERVER_STRATEGIES.register("transfer")
-class TransferServer(ServerStrategy):
+class TransferServer(LocalServer):
     """Receives nothing, holds no model."""
 
     Params = TransferParams
     client_strategy = TransferClient
-    uses_teacher = False
-    clients_use_public = False
 
     @classmethod
     def check_config(cls, config: Config) -> None:
-        public = config.data.public
-        if getattr(public, "is_proxy", False) and not public.labelled:
-            raise ConfigError(
-                "data.public.labelled",
-                f"transfer-only trains on the public labels, but the proxy set "
-                f"{public.dataset} is unlabelled; set data.public.labelled = true with a "
-                "proxy of the private dataset, or use an int data.public",
-            )
-
-    def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload | None:
-        return None
+        check_labelled_public(config, "transfer")

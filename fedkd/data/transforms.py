@@ -21,12 +21,14 @@ colour*. torchvision's ``RandomCrop(size, padding=4)`` pads the raw image with 0
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from fedkd.config import AUGMENT_CHOICES
 
 if TYPE_CHECKING:
     from fedkd.config import DataConfig
@@ -91,8 +93,8 @@ _CROP_PADDING: dict[str, int] = {"cifar10": 4, "cifar100": 4, "svhn": 4, "stl10"
 #: datasets whose default augmentation flips horizontally (not digits or characters)
 _FLIP: frozenset[str] = frozenset({"cifar10", "cifar100", "stl10"})
 
-#: values :func:`augment_for` accepts for ``setting`` (besides True and False)
-AUGMENT_CHOICES = ("auto", "none", "crop", "flip", "crop+flip")
+#: values :func:`augment_for` accepts for ``setting`` (besides True and False): the
+#: config's ``data.augment`` choices
 
 
 def canonical_name(dataset: str) -> str:
@@ -263,6 +265,13 @@ class Augment:
         if self.flip:
             x = random_hflip(x, generator)
         return x
+
+    def bound(self, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """This augmentation as a batch -> batch function drawing from ``generator``, for
+        the training loops; None when it does nothing."""
+        if not self:
+            return None
+        return lambda x: self(x, generator)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for records: ``{"crop": 4, "flip": True, "fill": 0.0}``."""

@@ -12,7 +12,6 @@ mean paired difference with its 95% CI, and says in words when the CI includes 0
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -336,23 +335,36 @@ class Difference:
         return "B higher" if self.diff.mean > 0 else "B lower"
 
 
+def paired(
+    a: Mapping[int, RunSummary],
+    b: Mapping[int, RunSummary],
+    metric_a: str,
+    metric_b: str | None = None,
+) -> tuple[Spread, Spread, Spread] | None:
+    """A's ``metric_a`` and B's ``metric_b`` (default the same) over the seeds both have a
+    value for, and their per-seed difference B - A; None when no seed has both."""
+    get_a, get_b = METRICS[metric_a][1], METRICS[metric_b or metric_a][1]
+    pairs = [(s, get_a(a[s]), get_b(b[s])) for s in sorted(set(a) & set(b))]
+    pairs = [(s, x, y) for s, x, y in pairs if x is not None and y is not None]
+    if not pairs:
+        return None
+    seeds = [s for s, _, _ in pairs]
+    sa = Spread.of(seeds, [x for _, x, _ in pairs])
+    sb = Spread.of(seeds, [y for _, _, y in pairs])
+    sd = Spread.of(seeds, [y - x for _, x, y in pairs])
+    assert sa is not None and sb is not None and sd is not None
+    return sa, sb, sd
+
+
 def compare(a: Mapping[int, RunSummary], b: Mapping[int, RunSummary]) -> list[Difference]:
     """Paired differences B - A per metric, over the seeds both runs have a value for."""
-    common = sorted(set(a) & set(b))
     out = []
-    for key, (_, get, _) in METRICS.items():
+    for key in METRICS:
         if key == "rounds_s":
             continue  # wall-clock time: not a paired quantity worth a CI here
-        pairs = [(s, get(a[s]), get(b[s])) for s in common]
-        pairs = [(s, x, y) for s, x, y in pairs if x is not None and y is not None]
-        if not pairs:
-            continue
-        seeds = [s for s, _, _ in pairs]
-        sa = Spread.of(seeds, [x for _, x, _ in pairs])
-        sb = Spread.of(seeds, [y for _, _, y in pairs])
-        sd = Spread.of(seeds, [y - x for _, x, y in pairs])
-        assert sa is not None and sb is not None and sd is not None
-        out.append(Difference(key, sa, sb, sd))
+        spreads = paired(a, b, key)
+        if spreads is not None:
+            out.append(Difference(key, *spreads))
     return out
 
 
@@ -372,10 +384,6 @@ def comparison_table(name_a: str, name_b: str, diffs: Iterable[Difference]) -> s
         diff_unit = "points" if unit == "%" else unit  # a difference of accuracies
         lines.append(f"  B - A  {d.diff.describe(diff_unit)}: {d.verdict()}")
     return "\n".join(lines) + "\n"
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def write_csv(path: Path, runs: Mapping[int, RunSummary | None]) -> None:
