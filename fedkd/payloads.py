@@ -143,7 +143,8 @@ class SoftLabels(Payload):
 @dataclass(frozen=True)
 class ClassLogits(Payload):
     """Per-class mean logits (row c: mean logit vector of samples labelled c), as in
-    federated distillation (FD). ``counts[c]``: how many samples (from a client) or
+    federated distillation (FD). ``counts[c]``: how many outputs (from a client: its
+    samples, or its training steps' sample visits when collected during training) or
     clients (from the server) row c averages; a row with count 0 carries no information."""
 
     means: np.ndarray

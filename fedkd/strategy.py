@@ -61,6 +61,7 @@ from fedkd.registry import Registry
 from fedkd.seeding import derive_seed
 from fedkd.training import (
     ClassKDTargets,
+    ClassMeans,
     KDTargets,
     distill,
     evaluate,
@@ -284,10 +285,12 @@ class ClientNode:
         kd: KDTargets | ClassKDTargets | None = None,
         kd_weight: float = 0.0,
         augment: bool = False,
+        class_means: ClassMeans | None = None,
     ) -> Metrics:
         """Epochs of cross-entropy on (x, y), optionally mixed with a KD term;
         ``augment`` applies the run's train-time augmentation to the batches of ``x``
-        (:meth:`train_private` does; a strategy training on public inputs may ask).
+        (:meth:`train_private` does; a strategy training on public inputs may ask);
+        ``class_means`` collects the outputs per label during training (FD).
 
         Not for the private data while it is sealed (use :meth:`train_private`)."""
         if self.sealed and _shares_memory(x, stored(self, "x")):
@@ -304,6 +307,7 @@ class ClientNode:
             kd_weight=kd_weight,
             recipe=self.recipe,
             augment=self.augmenter() if augment else None,
+            class_means=class_means,
         )
 
     def train_private(
@@ -314,11 +318,17 @@ class ClientNode:
         kd_weight: float = 0.0,
         temperature: float = 1.0,
         loss: str | None = None,
+        class_means: ClassMeans | None = None,
     ) -> Metrics:
         """Local epochs (default ``clients.local_epochs``) of cross-entropy on private
         data, mixed with distillation towards ``kd``: targets on public samples
         (``Logits``, ``SoftLabels``), or per-class targets on the private samples
-        themselves (``ClassLogits``; classes with count 0 get no KD term)."""
+        themselves (``ClassLogits``; classes with count 0 get no KD term).
+        ``class_means`` (:meth:`class_means`) collects the per-label outputs of the
+        training steps, as FD does; refused under DP-SGD (they are private-data outputs
+        released outside it)."""
+        if class_means is not None and self.privacy is not None and self.sealed:
+            raise PrivacyError(self._class_means_refusal())
         if self.dpsgd:
             return self._train_private_dp(epochs, kd, kd_weight, temperature, loss)
         targets: KDTargets | ClassKDTargets | None = None
@@ -327,7 +337,15 @@ class ClientNode:
         elif isinstance(kd, ClassLogits):
             targets = self.class_kd_targets(kd, temperature, loss or "soft_kl")
         x, y = self.private_data()
-        return self.train_on(x, y, epochs=epochs, kd=targets, kd_weight=kd_weight, augment=True)
+        return self.train_on(
+            x,
+            y,
+            epochs=epochs,
+            kd=targets,
+            kd_weight=kd_weight,
+            augment=True,
+            class_means=class_means,
+        )
 
     def _train_private_dp(
         self,
@@ -403,15 +421,26 @@ class ClientNode:
         """The student's softmax outputs (at ``temperature``) on public samples ``idx``."""
         return SoftLabels(np.asarray(idx), softmax_rows(self.public_logits(idx), temperature))
 
+    def _class_means_refusal(self) -> str:
+        assert self.privacy is not None
+        return (
+            f"{self._who()}: per-class means are computed from private data outside "
+            f"DP-SGD, which privacy.mechanism = {self.privacy.mechanism!r} forbids; use "
+            "privacy.mechanism = 'client_gaussian' for this strategy"
+        )
+
+    def class_means(self, softmax: bool = True) -> ClassMeans:
+        """An empty per-class accumulator for :meth:`train_private` (``class_means=``):
+        FD's per-label averages of the outputs produced during local training."""
+        return ClassMeans.zeros(self.num_classes, softmax)
+
     def class_mean_logits(self, softmax: bool = False) -> ClassLogits:
         """Mean logit vector (or, with ``softmax``, mean probability vector) of this
-        client's private samples of each class (FD)."""
+        client's private samples of each class, from the current model in eval mode
+        after training (FD's ``collect = "after"``; the paper collects during training,
+        see :meth:`class_means`)."""
         if self.privacy is not None and self.sealed:
-            raise PrivacyError(
-                f"{self._who()}: per-class means are computed from private data outside "
-                f"DP-SGD, which privacy.mechanism = {self.privacy.mechanism!r} forbids; use "
-                "privacy.mechanism = 'client_gaussian' for this strategy"
-            )
+            raise PrivacyError(self._class_means_refusal())
         x, y = self.private_data()
         logits = predict_logits(self.model, x).double().cpu()
         if softmax:

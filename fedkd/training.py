@@ -55,6 +55,45 @@ class ClassKDTargets:
     loss: nn.Module
 
 
+@dataclass
+class ClassMeans:
+    """Per-class running sums of a model's outputs on the samples it trains on.
+
+    FD (Jeong et al. 2018, Algorithm 1) averages, per label, the logit vectors the model
+    produces *during* local training; :func:`train_supervised` adds every batch's
+    (detached, training-mode) outputs here when given one. ``softmax`` adds probability
+    vectors instead of raw logits (FD's "logit vector normalized by the softmax").
+    """
+
+    sums: torch.Tensor  # (classes, classes) float64
+    counts: torch.Tensor  # (classes,) float64
+    softmax: bool = True
+
+    @classmethod
+    def zeros(cls, classes: int, softmax: bool = True) -> ClassMeans:
+        """An empty accumulator for ``classes`` labels (on the CPU)."""
+        return cls(
+            torch.zeros(classes, classes, dtype=torch.float64),
+            torch.zeros(classes, dtype=torch.float64),
+            softmax,
+        )
+
+    def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one batch's outputs ``out`` (rows) for labels ``y``."""
+        v = out.detach().double().cpu()
+        if self.softmax:
+            v = torch.softmax(v, dim=-1)
+        y = y.cpu()
+        self.sums.index_add_(0, y, v)
+        self.counts += torch.bincount(y, minlength=len(self.counts)).double()
+
+    def means(self) -> tuple[np.ndarray, np.ndarray]:
+        """(per-class mean vectors, sample counts) as float32 arrays; rows of classes
+        never seen are zero with count 0."""
+        m = self.sums / self.counts.clamp(min=1).unsqueeze(1)
+        return m.float().numpy(), self.counts.float().numpy()
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     return list(torch.randperm(n, generator=generator).split(batch_size))
 
@@ -72,6 +111,7 @@ def train_supervised(
     kd_weight: float = 0.0,
     recipe: Recipe | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    class_means: ClassMeans | None = None,
 ) -> dict[str, float]:
     """Cross-entropy on (x, y), optionally mixed with a distillation term.
 
@@ -81,7 +121,8 @@ def train_supervised(
     target logits of each sample's class. ``recipe`` (:mod:`fedkd.recipes`) sets the
     rate before each step, clips gradients and smooths the CE labels; ``augment``
     (e.g. a seeded random crop and flip) transforms each batch of ``x``, never the
-    public batches of the KD term.
+    public batches of the KD term. ``class_means`` collects each batch's outputs per
+    label, as they are computed for the step (FD).
     """
     recipe = recipe or Recipe()
     model.train()
@@ -96,6 +137,8 @@ def train_supervised(
             )
             with recipe.autocast(x.device):
                 out = model(x[rows] if augment is None else augment(x[rows]))
+                if class_means is not None:
+                    class_means.add(out, y[rows])
                 ce = F.cross_entropy(out, y[rows], label_smoothing=recipe.label_smoothing)
                 loss = ce
                 kd_loss = None

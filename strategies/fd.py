@@ -3,12 +3,17 @@ logits, no public set.
 
 Each client sends, for every label, the mean softmax output ("logit vector
 normalized by the softmax function" in the paper) of its private samples of that
-label. The server averages each label's vectors over the clients that hold the
-label. A client then trains with cross-entropy plus a distillation regulariser,
-the cross-entropy between its output on a private sample of label c and the
-global mean output for c excluding its own contribution (the paper's
-``(sum_j F_j - F_i) / (M - 1)``). The server computes that leave-one-out mean per
-client, so each client downloads one (classes x classes) matrix.
+label, accumulated over the outputs its model produced during the round's local
+training (the paper's Algorithm 1: every training iteration adds its output to its
+label's sum; ``collect = "after"`` instead uses the end-of-round model in eval mode).
+The server averages each label's vectors over the clients that hold the label. A
+client then trains with cross-entropy plus a distillation regulariser, the
+cross-entropy between its output on a private sample of label c and the global mean
+output for c excluding its own contribution (the paper's
+``(sum_j F_j - F_i) / (M - 1)``, divided here by the number of *other clients that
+hold label c*; the two agree when every client holds every label). The server
+computes that leave-one-out mean per client, so each client downloads one
+(classes x classes) matrix.
 
 Deviations: the loss is ``(1 - kd_weight) * CE + kd_weight * KD`` (the paper's
 ``CE + gamma * KD`` with ``gamma = kd_weight / (1 - kd_weight)``, up to the step
@@ -43,8 +48,13 @@ class FDParams:
     temperature: float = 1.0  # KD temperature, used when softmax = false
     exclude_own: bool = True  # leave each client's own vectors out of its targets
     weighted: bool = False  # average per-class vectors by sample count, not per client
+    # when the per-class vectors are collected: "training" (the paper: outputs of the
+    # local training steps) or "after" (one eval-mode pass of the trained model)
+    collect: str = "training"
 
     def __post_init__(self) -> None:
+        if self.collect not in ("training", "after"):
+            raise ConfigError("collect", f'must be "training" or "after", got {self.collect!r}')
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
         if not 0 <= self.kd_weight <= 1:
@@ -57,15 +67,19 @@ class FDClient(ClientStrategy):
 
     def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
         p = self.params
+        self.means = node.class_means(p.softmax) if p.collect == "training" else None
         return node.train_private(
             kd=targets if isinstance(targets, ClassLogits) else None,
             kd_weight=p.kd_weight,
             temperature=1.0 if p.softmax else p.temperature,
             loss="prob_kl" if p.softmax else "soft_kl",
+            class_means=self.means,
         )
 
     def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload:
-        return node.class_mean_logits(softmax=self.params.softmax)
+        if getattr(self, "means", None) is None:
+            return node.class_mean_logits(softmax=self.params.softmax)
+        return ClassLogits(*self.means.means())
 
 
 def class_average(payloads: dict[int, ClassLogits], weighted: bool) -> tuple[np.ndarray, ...]:

@@ -563,7 +563,7 @@ def test_preflight_refuses_a_default_client_strategy(data):
 
 
 def test_preflight_refuses_fd_which_shares_per_class_means(data):
-    with pytest.raises(ConfigError, match="FDClient.predict: per-class means") as err:
+    with pytest.raises(ConfigError, match="FDClient.train: per-class means") as err:
         guard.preflight(_small("strategy.name=fd"), data)
     assert err.value.field == "privacy.mechanism"
 

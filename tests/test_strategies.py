@@ -29,7 +29,7 @@ from fedkd.training import make_optimizer
 from strategies.cfd import CFDClient, CFDParams, CFDServer
 from strategies.cronus import CronusParams, CronusServer, robust_mean
 from strategies.dsfl import DSFLParams, DSFLServer, era
-from strategies.fd import FDParams, FDServer
+from strategies.fd import FDClient, FDParams, FDServer
 from strategies.fedavg import FedAvgClient, FedAvgServer
 from strategies.feddf import FedDFParams, FedDFServer
 from strategies.fedmd import FedMDClient, FedMDParams, FedMDServer
@@ -382,6 +382,19 @@ def test_cfd_targets_are_the_server_models_labels_at_down_bits(down_bits):
     assert targets.nbytes == math.ceil(4 * C * down_bits / 8) + 12
 
 
+def test_cfd_defaults_are_one_bit_both_ways_as_in_the_authors_experiments():
+    assert (CFDParams().bits, CFDParams().down_bits) == (1, 1)
+    strategy = CFDServer()
+    server = make_server(config("strategy.name='cfd'"), teacher=True)
+    server.teacher_updates = 1
+    next_idx = np.array([5, 6, 40, 41], np.int64)
+    targets = strategy.targets(server, None, next_idx)
+    assert isinstance(targets, QuantizedSoftLabels)
+    probs = softmax(forward(server.teacher, server.public_x[next_idx]))
+    one_hot = np.eye(C)[probs.argmax(1)]
+    np.testing.assert_array_equal(targets.dequantize(), one_hot)  # the server's argmax
+
+
 def test_cfd_aggregate_distills_the_server_model():
     server = make_server(config("strategy.name='cfd'", "server.epochs=20"), teacher=True)
     idx = np.arange(60, dtype=np.int64)
@@ -700,3 +713,42 @@ def test_clients_of_feddf_run_fedavgs_client_side_despite_server_only_params():
     cfg = config("strategy.name='feddf'", "strategy.temperature=2.0")
     assert type(client_strategy(cfg, 0)) is FedAvgClient
     assert server_strategy(cfg).params.temperature == 2.0
+
+
+# --- FD: per-class means collected during local training (Jeong et al. 2018, Alg. 1) ---
+
+
+def test_fd_collects_class_means_from_the_training_steps_outputs():
+    """The payload averages, per label, exactly the outputs the training steps produced
+    (training mode, the model changing between steps), every epoch's."""
+    cfg = config("clients.models=['mlp']", "clients.local_epochs=2", "clients.lr=0.05")
+    node = make_client(cfg, 0, classes=[0, 0, 2, 0, 2])  # class 1 absent
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    node.model.register_forward_hook(lambda m, args, out: seen.append((args[0], out.detach())))
+    client = FDClient(FDParams(softmax=True))
+    client.train(node, None)
+    payload = client.predict(node, np.array([], dtype=np.int64))
+    assert isinstance(payload, ClassLogits)
+    rows = {tuple(x.tolist()): int(y) for x, y in zip(node.x, node.y, strict=True)}
+    sums, counts = np.zeros((C, C)), np.zeros(C)
+    for x, out in seen:
+        for xi, oi in zip(x, out, strict=True):
+            c = rows[tuple(xi.tolist())]
+            sums[c] += torch.softmax(oi.double(), -1).numpy()
+            counts[c] += 1
+    np.testing.assert_array_equal(payload.counts, counts)
+    np.testing.assert_array_equal(payload.counts, [2 * 29, 0, 2 * 19])  # 2 epochs of 48 rows
+    np.testing.assert_allclose(payload.means[0], sums[0] / counts[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(payload.means[1], [0, 0, 0])
+    # not what the trained model gives afterwards in eval mode (FD's collect = "after")
+    after = node.class_mean_logits(softmax=True)
+    assert not np.allclose(after.means[0], payload.means[0], atol=1e-4)
+    assert FDClient(FDParams(collect="after")).predict(node, np.array([])).means[0] == (
+        pytest.approx(after.means[0])
+    )
+
+
+def test_fd_collect_must_be_training_or_after():
+    with pytest.raises(ConfigError, match="collect") as err:
+        FDParams(collect="during")
+    assert err.value.field == "collect"
