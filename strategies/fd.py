@@ -4,8 +4,9 @@ logits, no public set.
 Each client sends, for every label, the mean softmax output ("logit vector
 normalized by the softmax function" in the paper) of its private samples of that
 label, accumulated over the outputs its model produced during the round's local
-training (the paper's Algorithm 1: every training iteration adds its output to its
-label's sum; ``collect = "after"`` instead uses the end-of-round model in eval mode).
+training (the paper's Algorithm 1 as described to us: every training step adds its
+output to its label's sum; ``collect = "after"`` instead uses the end-of-round model
+in eval mode).
 The server averages each label's vectors over the clients that hold the label. A
 client then trains with cross-entropy plus a distillation regulariser, the
 cross-entropy between its output on a private sample of label c and the global mean
