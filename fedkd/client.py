@@ -158,8 +158,10 @@ class ClientRuntime:
         y = to_tensor(data.y, dev)
         public_y = to_tensor(data.public_y, dev)
         if cid in self.byzantine and cfg.faults.attack == "labelflip":
-            y = flip_labels(y, data.num_classes)
-            public_y = flip_labels(public_y, data.num_classes)  # FedMD trains on public labels
+            pub = self.data.public_classes  # > 0: a union label space, public classes first
+            y = flip_labels(y, data.num_classes, first=pub)
+            # FedMD trains on public labels; they flip among the public classes
+            public_y = flip_labels(public_y, pub or data.num_classes)
         return ClientNode(
             cid=cid,
             round=rnd,

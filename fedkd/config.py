@@ -94,7 +94,11 @@ OFFICIAL_DATASETS = (
     "stl10",
 )
 
-_PUBLIC_KEYS = ("dataset", "split", "size", "labelled")
+_PUBLIC_KEYS = ("dataset", "split", "size", "labelled", "label_space")
+
+#: ``data.public.label_space``: the proxy set's labels are the private ones ("shared"),
+#: or its own, before the private ones in a union label space ("own")
+LABEL_SPACES = ("shared", "own")
 
 #: the attribution baselines ``baseline`` may name, in the order they run (fedkd.baselines)
 BASELINES = ("local", "transfer", "fedavg", "centralised")
@@ -110,29 +114,48 @@ class PublicSet(int):
     pool (of its official training split, for an official dataset), disjoint from the
     private rows. Written as a table (``{ dataset = "cifar100", split = "train",
     size = 5000, labelled = false }``, other keys being the dataset's reader options,
-    e.g. ``labels = "coarse"``), it is read from that official split: ``dataset`` is
-    set, and its labels are kept only if ``labelled`` (and the label space is the
-    private one). Being an int, code that only needs the size uses it as one.
+    e.g. ``labels = "coarse"`` or ``classes = [...]``), it is read from that official
+    split: ``dataset`` is set, and its labels are kept only if ``labelled``. Being an
+    int, code that only needs the size uses it as one.
+
+    ``label_space`` says where a labelled proxy set's labels live: ``"shared"`` (the
+    default) in the private label space (same dataset and label options; others are
+    refused), ``"own"`` in a label space of their own, as FedMD's MNIST digits for
+    private letters (``{ dataset = "mnist", size = 5000, labelled = true, label_space =
+    "own" }``). With ``"own"`` the federation's labels are the union: the proxy set's
+    ``P`` classes are labels ``0..P-1``, the private classes (train and test) are
+    shifted to ``P..P+K-1``, and every model (students, teacher, baselines) has ``P + K``
+    outputs. Partitioners still see the private labels ``0..K-1``. Accuracy is then the
+    argmax over all ``P + K`` outputs on the private test set (a public class predicted
+    counts as an error), as in FedMD's code.
     """
 
     dataset: Spec | None
     split: str
     labelled: bool
+    label_space: str
 
     def __new__(
-        cls, size: int, dataset: Spec | None = None, split: str = "train", labelled: bool = False
+        cls,
+        size: int,
+        dataset: Spec | None = None,
+        split: str = "train",
+        labelled: bool = False,
+        label_space: str = "shared",
     ) -> PublicSet:
         self = super().__new__(cls, size)
         object.__setattr__(self, "dataset", dataset)
         object.__setattr__(self, "split", split)
         object.__setattr__(self, "labelled", labelled)
+        object.__setattr__(self, "label_space", label_space)
         return self
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"PublicSet is immutable (cannot set {name})")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (PublicSet, (int(self), self.dataset, self.split, self.labelled))
+        args = (int(self), self.dataset, self.split, self.labelled, self.label_space)
+        return (PublicSet, args)
 
     @property
     def size(self) -> int:
@@ -145,7 +168,7 @@ class PublicSet(int):
 
     def _key(self) -> tuple[Any, ...]:
         spec = None if self.dataset is None else json_key(self.dataset.to_dict())
-        return (int(self), spec, self.split, self.labelled)
+        return (int(self), spec, self.split, self.labelled, self.label_space)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PublicSet):
@@ -170,14 +193,17 @@ class PublicSet(int):
         return f"{int(self)} ({self.dataset} {self.split})"
 
     def to_plain(self) -> int | dict[str, Any]:
-        """The config value: an int, or the table."""
+        """The config value: an int, or the table (``label_space`` only when not shared,
+        so that tables written before it existed keep their form and data keys)."""
         if self.dataset is None:
             return int(self)
+        own = {} if self.label_space == "shared" else {"label_space": self.label_space}
         return {
             "dataset": self.dataset.name,
             "split": self.split,
             "size": int(self),
             "labelled": self.labelled,
+            **own,
             **self.dataset.params,
         }
 
@@ -217,9 +243,21 @@ class PublicSet(int):
             raise ConfigError(f"{path}.split", f"expected a split name, got {split!r}")
         if not isinstance(labelled, bool):
             raise ConfigError(f"{path}.labelled", f"expected true or false, got {labelled!r}")
+        label_space = value.get("label_space", "shared")
+        if label_space not in LABEL_SPACES:
+            raise ConfigError(
+                f"{path}.label_space",
+                f"must be one of {', '.join(map(repr, LABEL_SPACES))}; got {label_space!r}",
+            )
+        if label_space == "own" and not labelled:
+            raise ConfigError(
+                f"{path}.label_space",
+                '"own" is a label space for the proxy set\'s labels, but it is unlabelled; '
+                "set labelled = true (or drop label_space)",
+            )
         if size < 1:
             raise ConfigError(f"{path}.size", f"must be >= 1, got {size}")
-        return cls(size, dataset, split, labelled)
+        return cls(size, dataset, split, labelled, label_space)
 
 
 def json_key(value: Any) -> str:
@@ -240,10 +278,15 @@ class DataConfig:
 
     # the dataset plug-in: a generated one (mnist1d, digits, synthetic, hf) or one read
     # from its official files (mnist, fashion_mnist, emnist, femnist, cifar10, cifar100,
-    # svhn, stl10); `fedkd list` shows them with their parameters
+    # svhn, stl10); `fedkd list` shows them with their parameters. Official ones take
+    # `classes = [...]`: keep those classes only (train and test), relabelled 0..K-1 in
+    # the order given; label indices, class names where known (digits, letters, CIFAR-10
+    # names), or lists merging classes into one (e.g. { name = "cifar100", classes = [0,
+    # 2, 20] }, { name = "femnist", classes = [["a", "A"], ["b", "B"]] })
     dataset: Spec = field(default_factory=lambda: Spec("mnist1d"))
     private: int = 3000  # private training samples, partitioned over the clients
-    # public proxy set: inputs shared by identity, never shipped; a size or a table
+    # public proxy set: inputs shared by identity, never shipped; a size or a table (its
+    # dataset, split, size, labelled, label_space: see "The public proxy set" below)
     public: PublicSet = PublicSet(1000)
     test: int = 1000  # held-out global test set: every model is evaluated on it
     root: str = "data"  # folder holding official datasets' files (torchvision's layout)

@@ -216,7 +216,11 @@ def byzantine_payload(
     return attack_payload(payload, f.attack, f.scale, num_classes, attack_rng(config, rnd, cid))
 
 
-def flip_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The label-flipping attack's training labels, ``num_classes - 1 - y`` (a new tensor
-    of ``y``'s dtype and device)."""
-    return (num_classes - 1 - y).to(dtype=y.dtype)
+def flip_labels(y: torch.Tensor, num_classes: int, first: int = 0) -> torch.Tensor:
+    """The label-flipping attack's training labels: within the label range
+    ``[first, num_classes)``, ``first + num_classes - 1 - y`` (with one label space,
+    ``num_classes - 1 - y``; with a union label space the private labels flip among the
+    private classes and the public ones among the public classes). Negative labels
+    (an unlabelled public set's -1) stay. A new tensor of ``y``'s dtype and device."""
+    flipped = (first + num_classes - 1 - y).to(dtype=y.dtype)
+    return torch.where(y < 0, y, flipped)

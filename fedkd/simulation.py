@@ -151,8 +151,12 @@ def _say(quiet: bool, text: str) -> None:
         print(text, flush=True)
 
 
-def _profiles(config: Config, data: FederatedData) -> dict[str, dict[str, Any]]:
-    specs: dict[str, Spec] = {str(config.server.teacher): config.server.teacher}
+def _profiles(config: Config, data: FederatedData, uses_teacher: bool) -> dict[str, dict[str, Any]]:
+    """Size and cost of every model the run built (the teacher only where the strategy
+    has one: an unused ``server.teacher`` need not fit the data)."""
+    specs: dict[str, Spec] = {}
+    if uses_teacher:
+        specs[str(config.server.teacher)] = config.server.teacher
     for cid in range(config.clients.count):
         spec = student_spec(config, cid)
         specs.setdefault(str(spec), spec)
@@ -564,7 +568,7 @@ def _finish(
     records = federation.records
     timing = _timing(records, job.box, t0, b0)
     summary = summarize(
-        cfg, records, baseline, _profiles(cfg, data), timing,
+        cfg, records, baseline, _profiles(cfg, data, federation.strategy.uses_teacher), timing,
         outcome_of(cfg, records, every, ended.error, ended.interrupted, federation.stopped),
         test_size=len(data.test_y), uses_teacher=federation.strategy.uses_teacher,
         aggregations=federation.server.aggregations, resumed_from=resumed_from,

@@ -414,5 +414,14 @@ def test_flip_labels(dtype):
     assert torch.equal(flip_labels(out, C), y)  # an involution
 
 
+def test_flip_labels_stays_within_a_union_label_space_and_keeps_unlabelled():
+    """Public classes 0..9, private 10..15 (FedMD): private labels flip among 10..15,
+    public ones among 0..9, and an unlabelled public set's -1 stays -1."""
+    private = torch.tensor([10, 11, 15, 12])
+    assert flip_labels(private, 16, first=10).tolist() == [15, 14, 10, 13]
+    assert flip_labels(torch.tensor([0, 9, 3]), 10).tolist() == [9, 0, 6]
+    assert flip_labels(torch.tensor([-1, -1, 2]), C).tolist() == [-1, -1, 1]
+
+
 def test_round_faults_fields_are_what_the_lead_records():
     assert [f.name for f in fields(RoundFaults)] == ["dropped", "delays", "late", "byzantine"]

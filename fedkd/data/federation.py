@@ -13,7 +13,13 @@ set is (a seeded subset of) the test split, private and public rows are disjoint
 seeded draws from the training split, so no test sample ever reaches a client.
 ``data.public`` may instead be a proxy set of its own, read from an official split
 (see :class:`fedkd.config.PublicSet`); its labels are kept only when it is labelled
-and shares the private label space, else ``public_y`` is all -1. With
+and either shares the private label space or keeps its own (``label_space = "own"``),
+else ``public_y`` is all -1. With its own label space, the federation's labels are the
+union: the proxy set's ``P`` classes are labels ``0..P-1``, the private (and test)
+labels ``0..K-1`` are shifted to ``P..P+K-1`` and ``num_classes`` is ``P + K``, so every
+model has ``P + K`` outputs. The shift comes after partitioning: partitioners see the
+private labels ``0..K-1``. An official dataset's ``classes`` reader option keeps a
+subset of its classes (:mod:`fedkd.data.classes`), in its train and test splits. With
 ``data.normalize`` (the default), an official dataset's private, public and test
 inputs are normalised with its published per-channel statistics
 (:mod:`fedkd.data.transforms`), a proxy set of another dataset with the *private*
@@ -41,7 +47,15 @@ import numpy as np
 from fedkd.config import Config, ConfigError, DataConfig, check_plugin_params
 from fedkd.data.datasets import DATASETS, OFFICIAL_SHAPES, OfficialDataset
 from fedkd.data.partition import PARTITIONERS
-from fedkd.data.readers import READERS, Split, expected_files, present_files, read_split
+from fedkd.data.readers import (
+    READERS,
+    Selection,
+    Split,
+    expected_files,
+    present_files,
+    read_split,
+    selection,
+)
 from fedkd.data.transforms import normalize
 from fedkd.registry import bind_params
 from fedkd.seeding import derive_seed
@@ -75,6 +89,9 @@ class FederatedData:
     test_y: np.ndarray
     num_classes: int
     private_groups: np.ndarray | None = None  # writer id of each private row (FEMNIST)
+    # P: labels 0..P-1 are the proxy set's own classes (data.public.label_space = "own"),
+    # the private and test labels are P..num_classes-1; 0 for one shared label space
+    public_classes: int = 0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -114,6 +131,7 @@ class FederatedData:
             test_x=self.test_x,
             test_y=self.test_y,
             num_classes=np.int64(self.num_classes),
+            public_classes=np.int64(self.public_classes),
         )
         os.replace(tmp, path)
 
@@ -131,6 +149,7 @@ class FederatedData:
                 z["test_y"],
                 int(z["num_classes"]),
                 z["private_groups"] if "private_groups" in z.files else None,
+                int(z["public_classes"]) if "public_classes" in z.files else 0,
             )
 
 
@@ -239,6 +258,12 @@ def _same_files(d: DataConfig) -> bool:
     return _shared_files(d) and _selection(d.public.dataset) == _selection(d.dataset)
 
 
+def _disjoint_rows(a: Selection | None, b: Selection | None) -> bool:
+    """Two readings of the same files keep disjoint rows: classes of one label space,
+    none in both (a reading of every row, or of another label space, may share rows)."""
+    return a is not None and b is not None and a.space == b.space and not a.labels & b.labels
+
+
 def _shared_files(d: DataConfig) -> bool:
     """The proxy set is read from the files of the private training split."""
     p = d.public.dataset
@@ -248,11 +273,9 @@ def _shared_files(d: DataConfig) -> bool:
     return p.name == d.dataset.name and expected_files(p.name, "train", **p.params) == mine
 
 
-def _selection(spec: Any) -> range | None:
-    """The labels whose rows a reader's options keep, for readers whose options drop rows
-    (FEMNIST's ``classes``); None where every row is kept."""
-    select = READERS[spec.name].selection
-    return None if select is None else select(**spec.params)
+def _selection(spec: Any) -> Selection | None:
+    """The labels whose rows a reader's options keep (``classes``); None: every row."""
+    return selection(spec.name, **spec.params)
 
 
 def _check_official(config: Config) -> None:
@@ -287,25 +310,37 @@ def _check_proxy(config: Config) -> None:
             f"{p.name}'s test split is the test set; a proxy set of the private dataset must "
             "come from another split (e.g. train, disjoint from the private rows)",
         )
-    if _shared_files(d) and not _same_files(d):
-        mine, theirs = _selection(d.dataset), _selection(p)
-        if mine is None or theirs is None or set(mine) & set(theirs):
-            raise ConfigError(
-                "data.public",
-                f"the proxy set {p} and the private data {d.dataset} are both read from "
-                f"{p.name}'s train split with options that keep different but overlapping "
-                "rows, so the proxy set could hold private samples; use the same options, "
-                'options that keep disjoint classes (e.g. classes = "digits" and '
-                '"letters"), or a proxy set from another dataset',
-            )
+    if (
+        _shared_files(d)
+        and not _same_files(d)
+        and not _disjoint_rows(_selection(d.dataset), _selection(p))
+    ):
+        raise ConfigError(
+            "data.public",
+            f"the proxy set {p} and the private data {d.dataset} are both read from "
+            f"{p.name}'s train split with options that keep different but overlapping "
+            "rows, so the proxy set could hold private samples; use the same options, "
+            'options that keep disjoint classes (e.g. classes = "digits" and '
+            '"letters", or two lists of classes without a class in common), or a proxy '
+            "set from another dataset",
+        )
     if d.public.labelled:
         if d.public.split == "unlabeled":
             raise ConfigError("data.public.labelled", f"{p.name} {d.public.split} has no labels")
-        if not _same_labels(d):
+        own = d.public.label_space == "own"
+        if own and _same_labels(d):
+            raise ConfigError(
+                "data.public.label_space",
+                f'"own", but the labels of {p} are those of the private data {d.dataset}; '
+                'use label_space = "shared" (the default: one label space)',
+            )
+        if not own and not _same_labels(d):
             raise ConfigError(
                 "data.public.labelled",
-                f"labels of {p} are not in the private label space of {d.dataset}; "
-                "set data.public.labelled = false (public_y is then -1)",
+                f"labels of {p} are not in the private label space of {d.dataset}; set "
+                'data.public.label_space = "own" (models then output its classes and the '
+                "private ones: a union label space, as FedMD's) or data.public.labelled = "
+                "false (public_y is then -1)",
             )
     if d.official and OFFICIAL_SHAPES[p.name] != OFFICIAL_SHAPES[d.dataset.name]:
         _shape_error(d, OFFICIAL_SHAPES[p.name], OFFICIAL_SHAPES[d.dataset.name])
@@ -442,9 +477,9 @@ def build_federated_data(config: Config) -> FederatedData:
         )
     order = np.random.default_rng(derive_seed(config.seed, "split")).permutation(len(pool.y))
     priv, pub, test = np.split(order[:total], [d.private, d.private + public])
-    public_x, public_y = pool.x[pub], pool.y[pub]
+    public_x, public_y, public_classes = pool.x[pub], pool.y[pub], 0
     if d.public.is_proxy:
-        public_x, public_y = _read_proxy(config, pool.input_shape)
+        public_x, public_y, public_classes = _read_proxy(config, pool.input_shape)
     return _federate(
         config,
         pool.x[priv],
@@ -454,6 +489,7 @@ def build_federated_data(config: Config) -> FederatedData:
         pool.x[test],
         pool.y[test],
         pool.num_classes,
+        public_classes=public_classes,
     )
 
 
@@ -482,9 +518,9 @@ def _build_official(config: Config) -> FederatedData:
     else:
         rng = np.random.default_rng(derive_seed(config.seed, "test"))
         test_rows = np.sort(rng.choice(len(test.y), size=d.test, replace=False))
-    public_x, public_y = train.x[pub], train.y[pub]
+    public_x, public_y, public_classes = train.x[pub], train.y[pub], 0
     if d.public.is_proxy:
-        public_x, public_y = _read_proxy(
+        public_x, public_y, public_classes = _read_proxy(
             config, train.x.shape[1:], train if same else None, pub if same else None
         )
     return _federate(
@@ -497,6 +533,7 @@ def _build_official(config: Config) -> FederatedData:
         test.y[test_rows],
         train.num_classes,
         None if train.groups is None else train.groups[priv],
+        public_classes,
     )
 
 
@@ -505,8 +542,9 @@ def _read_proxy(
     private_shape: tuple[int, ...],
     train: Split | None = None,
     rows: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The proxy set's inputs and labels (-1 unless labelled in the private label space).
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The proxy set's inputs, labels and, with its own label space, its class count P
+    (else 0). Labels are -1 unless it is labelled, in the private label space or its own.
 
     ``train`` and ``rows`` are given when the proxy set shares the private training
     split's rows: ``rows`` are then its rows there, disjoint from the private ones (read
@@ -516,7 +554,7 @@ def _read_proxy(
     p = d.public.dataset
     assert p is not None
     if train is not None and rows is not None and p.params == d.dataset.params:
-        x, y = train.x[rows], train.y
+        x, y, classes = train.x[rows], train.y, train.num_classes
         y = None if y is None else y[rows]
     else:
         try:
@@ -533,11 +571,13 @@ def _read_proxy(
             rng = np.random.default_rng(derive_seed(config.seed, "public"))
             rows = np.sort(rng.choice(len(split.x), size=d.public.size, replace=False))
         x, y = split.x[rows], None if split.y is None else split.y[rows]
+        classes = split.num_classes
     if tuple(x.shape[1:]) != tuple(private_shape):
         _shape_error(d, tuple(x.shape[1:]), tuple(private_shape))
-    if not (d.public.labelled and _same_labels(d)) or y is None:
+    own = d.public.labelled and d.public.label_space == "own"
+    if not (d.public.labelled and (own or _same_labels(d))) or y is None:
         y = np.full(len(x), -1, dtype=np.int64)
-    return x, y
+    return x, y, classes if own else 0
 
 
 def _federate(
@@ -550,10 +590,14 @@ def _federate(
     test_y: np.ndarray,
     num_classes: int,
     private_groups: np.ndarray | None = None,
+    public_classes: int = 0,
 ) -> FederatedData:
     """Partition the private split over the clients and assemble the splits.
 
-    ``private_groups`` (writer ids) goes to partitioners that declare ``groups``.
+    ``private_groups`` (writer ids) goes to partitioners that declare ``groups``. With
+    ``public_classes`` P > 0 (the proxy set's own label space), the private and test
+    labels are shifted by P after partitioning (partitioners see labels 0..K-1) and the
+    federation has P + K classes.
     """
     d = config.data
     partition = PARTITIONERS.get(config.partition.name)
@@ -586,6 +630,8 @@ def _federate(
         private_x, public_x, test_x = (
             normalize(a, d.dataset.name) for a in (private_x, public_x, test_x)
         )
+    if public_classes:  # the union label space: public 0..P-1, private P..P+K-1
+        private_y, test_y = private_y + public_classes, test_y + public_classes
     return FederatedData(
         private_x,
         private_y,
@@ -594,8 +640,9 @@ def _federate(
         public_y,
         test_x,
         test_y,
-        num_classes,
+        num_classes + public_classes,
         private_groups,
+        public_classes,
     )
 
 

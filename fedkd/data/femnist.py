@@ -21,7 +21,11 @@ The reader returns images upright as (N, 1, 28, 28) float32 in [0, 1] and, with
 ``invert=True`` (default), as ``1 - x``: MNIST's convention, ink high on a background
 of 0 (``invert=False`` keeps LEAF's values). ``classes`` keeps ``all`` 62 classes,
 the 10 ``digits``, the 52 ``letters``, the 26 ``uppercase`` or the 26 ``lowercase``
-ones, relabelled from 0 in LEAF's order. Every row also carries its writer's id.
+ones, relabelled from 0 in LEAF's order; or it lists classes (LEAF labels 0..61 or
+their characters, a list merging several into one: ``[["a", "A"], ["b", "B"]]`` is
+EMNIST-letters' case-merged a and b), relabelled from 0 in the order given (see
+:mod:`fedkd.data.classes`). Rows of other classes are dropped while reading. Every row
+also carries its writer's id.
 Reading the full data set parses about 10 GB of JSON (minutes); fedkd caches the result.
 """
 
@@ -36,13 +40,14 @@ from typing import Any
 import numpy as np
 
 from fedkd.config import ConfigError
+from fedkd.data.classes import Groups, lookup, parse_classes
 
-__all__ = ["CLASS_SUBSETS", "FEMNIST_CLASSES", "femnist_files", "read_femnist"]
+__all__ = ["CLASS_SUBSETS", "FEMNIST_CLASSES", "femnist_classes", "femnist_files", "read_femnist"]
 
 #: LEAF's label order: 0-9 digits, 10-35 uppercase, 36-61 lowercase letters
 FEMNIST_CLASSES = tuple(string.digits + string.ascii_uppercase + string.ascii_lowercase)
 
-#: the ``classes`` option: the LEAF labels kept (relabelled to start at 0)
+#: the ``classes`` option's subset names: the LEAF labels kept (relabelled to start at 0)
 CLASS_SUBSETS: dict[str, range] = {
     "all": range(0, 62),
     "digits": range(0, 10),
@@ -61,51 +66,52 @@ SOURCE = (
 )
 
 
-def _check_options(classes: Any, invert: Any) -> None:
-    if classes not in CLASS_SUBSETS:
-        raise ConfigError(
-            "data.dataset.classes", f"{classes!r} is not one of {', '.join(CLASS_SUBSETS)}"
-        )
+def _check_options(classes: Any, invert: Any) -> Groups:
+    """The options checked; the LEAF labels of each class kept (see :func:`femnist_classes`)."""
+    groups = femnist_classes(classes)
     if not isinstance(invert, bool):
         raise ConfigError("data.dataset.invert", f"expected true or false, got {invert!r}")
+    return groups
 
 
-def femnist_files(split: str, classes: str = "all", invert: bool = True) -> list[Path]:
+def femnist_classes(classes: Any = "all") -> Groups:
+    """The LEAF labels of each class the ``classes`` option keeps (new class k: ``[k]``)."""
+    return parse_classes(classes, FEMNIST_CLASSES, "FEMNIST", CLASS_SUBSETS)
+
+
+def femnist_files(split: str, classes: Any = "all", invert: bool = True) -> list[Path]:
     """The folder of the split's JSON shards, relative to the root."""
     _check_options(classes, invert)
     return [Path("femnist", "data", split)]
 
 
-def femnist_selection(classes: str = "all", invert: bool = True) -> range:
-    """The LEAF labels whose rows the options keep (rows of other labels are dropped)."""
-    _check_options(classes, invert)
-    return CLASS_SUBSETS[classes]
-
-
 def read_femnist(
-    files: list[Path], split: str, classes: str = "all", invert: bool = True
+    files: list[Path], split: str, classes: Any = "all", invert: bool = True
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], np.ndarray]:
     """Read LEAF JSON shards: (x, y, class names, writer id of every row)."""
-    keep = femnist_selection(classes, invert)
+    groups = _check_options(classes, invert)
+    table = lookup(groups, len(FEMNIST_CLASSES))
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     writers: list[np.ndarray] = []
     for path in files:
         for writer, x, y in _shard(path):
-            mine = (y >= keep.start) & (y < keep.stop)
+            y = table[y]
+            mine = y >= 0
             if not mine.all():
                 x, y = x[mine], y[mine]
             if len(y):
                 xs.append(x)
-                ys.append(y - keep.start)
+                ys.append(y)
                 writers.append(np.full(len(y), writer))
     x = np.concatenate(xs) if xs else np.empty((0, PIXELS), dtype=np.float32)
     y = np.concatenate(ys) if ys else np.empty(0, dtype=np.int64)
-    groups = np.concatenate(writers) if writers else np.empty(0, dtype=np.str_)
+    ids = np.concatenate(writers) if writers else np.empty(0, dtype=np.str_)
     if invert:
         np.subtract(np.float32(1.0), x, out=x)
     x = np.ascontiguousarray(x.reshape(-1, 1, 28, 28))
-    return x, y, FEMNIST_CLASSES[keep.start : keep.stop], groups
+    names = tuple("/".join(FEMNIST_CLASSES[label] for label in group) for group in groups)
+    return x, y, names, ids
 
 
 def _shard(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:

@@ -22,11 +22,14 @@ name                files under the root                           splits
 Full-size splits are large in float32 (STL-10 ``unlabeled``: 100,000 x 27,648 values,
 about 11 GB); each reader holds the uint8 file data and the float32 copy at its peak.
 
-Use :func:`read_split` to read and :func:`expected_files` to list what a split needs
-(for FEMNIST, the split's folder: every ``*.json`` shard in it is read). A missing file
-raises :class:`~fedkd.config.ConfigError` on ``data.root``; a file that is present but
-malformed raises :class:`CorruptFileError` (a ConfigError on the same field) naming the
-file and the fault.
+Every reader also takes ``classes``: a list of classes to keep, relabelled ``0..K-1`` in
+the order given (label indices, class names where the reader knows them, or lists of
+them merged into one class; see :mod:`fedkd.data.classes`); rows of other classes are
+dropped. Use :func:`read_split` to read and :func:`expected_files` to list what a
+split needs (for FEMNIST, the split's folder: every ``*.json`` shard in it is read).
+A missing file raises :class:`~fedkd.config.ConfigError` on ``data.root``; a file that
+is present but malformed raises :class:`CorruptFileError` (a ConfigError on the same
+field) naming the file and the fault.
 """
 
 from __future__ import annotations
@@ -45,17 +48,20 @@ from typing import Any
 
 import numpy as np
 
-from fedkd.config import ConfigError
+from fedkd.config import ConfigError, json_key
 from fedkd.data import femnist
+from fedkd.data.classes import Groups, lookup, parse_classes
 
 __all__ = [
     "READERS",
     "CorruptFileError",
+    "Selection",
     "Split",
     "expected_files",
     "read_idx",
     "present_files",
     "read_split",
+    "selection",
 ]
 
 FIELD = "data.root"
@@ -197,6 +203,7 @@ def _idx_array(path: Path, magic: int) -> np.ndarray:
 
 _IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801
 _MNIST_PREFIX = {"train": "train", "test": "t10k"}
+_DIGITS = tuple(string.digits)
 _FASHION_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -247,8 +254,7 @@ def _read_idx_pair(
 
 
 def _read_mnist(files: list[Path], split: str) -> tuple[np.ndarray, np.ndarray, tuple]:
-    classes = tuple(string.digits)
-    return (*_read_idx_pair(files, classes), classes)
+    return (*_read_idx_pair(files, _DIGITS), _DIGITS)
 
 
 def _read_fashion(files: list[Path], split: str) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -346,6 +352,21 @@ def _read_cifar(
     return _to_unit(data.reshape(-1, 3, 32, 32)), y, classes
 
 
+#: CIFAR-10's class names (as in ``batches.meta``), for the ``classes`` option
+_CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+
 def _cifar10_files(split: str) -> list[Path]:
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     return [Path("cifar-10-batches-py", n) for n in [*names, "batches.meta"]]
@@ -396,7 +417,7 @@ def _read_svhn(files: list[Path], split: str) -> tuple[np.ndarray, np.ndarray, t
     if raw.size != images.shape[3]:
         raise CorruptFileError(path, f"{raw.size} labels for {images.shape[3]} images")
     y = (_labels(raw, path, 1, 10) + 1) % 10  # checks 1..10; then digit d -> d, 10 -> 0
-    return _to_unit(images.transpose(3, 2, 0, 1)), y, tuple(string.digits)
+    return _to_unit(images.transpose(3, 2, 0, 1)), y, _DIGITS
 
 
 # ----------------------------------------------------------------------------- STL-10
@@ -462,8 +483,13 @@ class _Reader:
     # `files` names folders: every file matching this glob in them is read, sorted by name
     pattern: str | None = None
     groups: bool = False  # rows carry a writer id (Split.groups)
-    # (**options) -> the labels whose rows the options keep, where options drop rows
-    selection: Callable[..., range] | None = None
+    # (**options) -> the class names, where known without reading files, else the class
+    # count (for the ``classes`` option); the default: the ten digits (MNIST, SVHN)
+    names: Callable[..., tuple[str, ...] | int] = lambda **_: _DIGITS
+    # readers that apply the ``classes`` option themselves while reading (FEMNIST drops
+    # rows as it parses its shards): (**options) -> the labels of each class kept; for
+    # the others fedkd filters and relabels the split they return
+    classes: Callable[..., Groups] | None = None
     layout: str = "torchvision's layout"
 
 
@@ -477,8 +503,16 @@ READERS: dict[str, _Reader] = {
         lambda s: _mnist_files("FashionMNIST", s),
         _read_fashion,
         True,
+        names=lambda: _FASHION_CLASSES,
     ),
-    "emnist": _Reader("EMNIST", ("train", "test"), _emnist_files, _read_emnist, True),
+    "emnist": _Reader(
+        "EMNIST",
+        ("train", "test"),
+        _emnist_files,
+        _read_emnist,
+        True,
+        names=lambda subset="balanced", upright=True: _EMNIST_CLASSES[subset],
+    ),
     "femnist": _Reader(
         "FEMNIST",
         ("train", "test"),
@@ -486,15 +520,34 @@ READERS: dict[str, _Reader] = {
         femnist.read_femnist,
         pattern=femnist.PATTERN,
         groups=True,
-        selection=femnist.femnist_selection,
+        names=lambda classes="all", invert=True: femnist.FEMNIST_CLASSES,
+        classes=lambda classes="all", invert=True: femnist.femnist_classes(classes),
         layout="LEAF's layout",
     ),
-    "cifar10": _Reader("CIFAR-10", ("train", "test"), _cifar10_files, _read_cifar10),
-    "cifar100": _Reader("CIFAR-100", ("train", "test"), _cifar100_files, _read_cifar100),
+    "cifar10": _Reader(
+        "CIFAR-10",
+        ("train", "test"),
+        _cifar10_files,
+        _read_cifar10,
+        names=lambda: _CIFAR10_CLASSES,
+    ),
+    "cifar100": _Reader(
+        "CIFAR-100",
+        ("train", "test"),
+        _cifar100_files,
+        _read_cifar100,
+        names=lambda labels="fine": 20 if labels == "coarse" else 100,
+    ),
     "svhn": _Reader(
         "SVHN", ("train", "test", "extra"), lambda s: [Path(f"{s}_32x32.mat")], _read_svhn
     ),
-    "stl10": _Reader("STL-10", ("train", "test", "unlabeled"), _stl10_files, _read_stl10),
+    "stl10": _Reader(
+        "STL-10",
+        ("train", "test", "unlabeled"),
+        _stl10_files,
+        _read_stl10,
+        names=lambda: _STL_CLASSES,
+    ),
 }
 """Readers by canonical name; :func:`read_split` also accepts ``-`` or no separator."""
 
@@ -512,12 +565,77 @@ def _reader(name: str, split: str, options: dict[str, Any]) -> tuple[str, _Reade
     reader = READERS[canonical[key]]
     _check_choice("split", split, reader.splits)
     try:  # unknown options fail here, before any file is touched
-        reader.files(split, **options)
+        reader.files(split, **_own(reader, options))
     except TypeError:
         raise ConfigError(
             "data.dataset", f"{reader.title} takes no option among {sorted(options)}"
         ) from None
+    if "classes" in options:
+        if split == "unlabeled":
+            raise ConfigError(
+                "data.dataset.classes", f"{reader.title} {split} has no labels to keep classes by"
+            )
+        _groups(reader, options)  # an unknown class fails here too
     return canonical[key], reader
+
+
+def _own(reader: _Reader, options: dict[str, Any]) -> dict[str, Any]:
+    """The options the reader's own functions take (``classes`` is fedkd's, unless the
+    reader applies it itself)."""
+    if reader.classes is not None:
+        return options
+    return {k: v for k, v in options.items() if k != "classes"}
+
+
+def _groups(reader: _Reader, options: dict[str, Any]) -> Groups | None:
+    """The labels of each class that ``options`` keep, checked; None: every class, as read."""
+    if reader.classes is not None:
+        return reader.classes(**options)
+    if "classes" not in options:
+        return None
+    own = _own(reader, options)
+    shown = {k: v for k, v in own.items() if k not in _LOOKS}
+    title = reader.title + (f" ({json_key(shown)})" if shown else "")
+    return parse_classes(options["classes"], reader.names(**own), title)
+
+
+#: options that change how rows look, not which rows there are nor their labels
+_LOOKS = ("invert", "upright")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rows that reader options keep, by label: ``labels`` of the label space that
+    ``space`` names (the options that set labels, e.g. CIFAR-100's ``labels``)."""
+
+    space: str
+    labels: frozenset[int]
+
+
+def selection(name: str, **options: Any) -> Selection | None:
+    """Which rows of a dataset's files ``options`` keep (its ``classes``), to tell whether
+    two readings of the same files share rows; None where every row is kept."""
+    _, reader = _reader(name, "train", options)
+    groups = _groups(reader, options)
+    if groups is None:
+        return None
+    own = _own(reader, options)
+    known = reader.names(**own)
+    labels = frozenset(label for group in groups for label in group)
+    if len(labels) == (known if isinstance(known, int) else len(known)):
+        return None
+    space = {k: v for k, v in own.items() if k not in ("classes", *_LOOKS)}
+    return Selection(json_key(space), labels)
+
+
+def _keep(
+    groups: Groups, x: np.ndarray, y: np.ndarray, names: tuple[str, ...], ids: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], np.ndarray | None]:
+    """The rows of the classes in ``groups``, relabelled 0..K-1 in their order."""
+    new = lookup(groups, len(names))[y]
+    mine = new >= 0
+    kept = tuple("/".join(names[label] for label in group) for group in groups)
+    return x[mine], new[mine], kept, None if ids is None else ids[mine]
 
 
 def expected_files(name: str, split: str, **options: Any) -> list[Path]:
@@ -527,7 +645,7 @@ def expected_files(name: str, split: str, **options: Any) -> list[Path]:
     For FEMNIST this is the split's folder: every ``*.json`` shard in it is read.
     """
     _, reader = _reader(name, split, options)
-    return reader.files(split, **options)
+    return reader.files(split, **_own(reader, options))
 
 
 def present_files(
@@ -543,7 +661,7 @@ def present_files(
     _, reader = _reader(name, split, options)
     found: list[Path] = []
     missing: list[Path] = []
-    for rel in reader.files(split, **options):
+    for rel in reader.files(split, **_own(reader, options)):
         path = root / rel
         if reader.pattern is not None:
             shards = _matching(path, reader.pattern)
@@ -569,14 +687,16 @@ def read_split(name: str, root: str | Path, split: str, **options: Any) -> Split
 
     Options: EMNIST ``subset`` (balanced, byclass, bymerge, letters, digits, mnist;
     default balanced) and ``upright`` (default True); CIFAR-100 ``labels`` (fine or
-    coarse); FEMNIST ``classes`` (all, digits, letters, uppercase, lowercase; default
-    all) and ``invert`` (default True: MNIST's convention, ink high). Raises
+    coarse); FEMNIST ``classes`` (all, digits, letters, uppercase, lowercase, or a list;
+    default all) and ``invert`` (default True: MNIST's convention, ink high); every
+    dataset ``classes``, a list of classes to keep (:mod:`fedkd.data.classes`). Raises
     :class:`ConfigError` on ``data.root`` naming every expected file when any is
     missing, and :class:`CorruptFileError` for a malformed file.
     """
     root = Path(root)
     key, reader = _reader(name, split, options)
-    relative = reader.files(split, **options)
+    own = _own(reader, options)
+    relative = reader.files(split, **own)
     if reader.pattern is not None:
         relative = [rel / reader.pattern for rel in relative]
     found, missing = present_files(key, root, split, **options)
@@ -590,7 +710,11 @@ def read_split(name: str, root: str | Path, split: str, **options: Any) -> Split
             f"{'is' if len(missing) == 1 else 'are'} missing; {where_to_get(key)}, or "
             "point data.root at a folder that holds them.",
         )
-    x, y, classes, *rest = reader.read(found, split, **options)
+    x, y, classes, *rest = reader.read(found, split, **own)
     groups = rest[0] if rest else None
-    source = root / reader.files(split, **options)[0] if reader.pattern else found[0].parent
+    if reader.classes is None and "classes" in options and y is not None:
+        keep = _groups(reader, options)
+        assert keep is not None
+        x, y, classes, groups = _keep(keep, x, y, tuple(classes), groups)
+    source = root / reader.files(split, **own)[0] if reader.pattern else found[0].parent
     return Split(x, y, tuple(classes), source, tuple(found), groups)
