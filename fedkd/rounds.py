@@ -187,6 +187,20 @@ class Federation:
             return f"invalid {payload.kind} payload: {err}"
         return None
 
+    def _query(self, rnd: int, idx: np.ndarray) -> np.ndarray:
+        """The public indices sent to clients this round (``public_query``), checked to be
+        a 1-D integer array drawn from the round's subset ``idx``."""
+        query = np.asarray(self._hook("public_query", idx))
+        if query.size == 0:
+            return idx[:0]
+        if query.ndim != 1 or query.dtype.kind not in "iu" or not np.isin(query, idx).all():
+            raise RunFailed(
+                f"server: round {rnd}: {type(self.strategy).__name__}.public_query returned "
+                f"{query.dtype} of shape {query.shape}; expected a 1-D array of indices from "
+                "the round's public subset (the public_idx it was given)"
+            )
+        return query.astype(idx.dtype)
+
     def _sample(self, rnd: int) -> list[int]:
         count = self.config.clients.count
         cids = [
@@ -265,6 +279,7 @@ class Federation:
             log.warning("stopping before round %d: %s", rnd, reason)
             self.stopped = reason
             return None
+        query = self._query(rnd, idx)
         faults = plan_round(cfg, rnd, cids)
         requests = {
             cid: check_payload(
@@ -273,7 +288,6 @@ class Federation:
             for cid in cids
             if cid not in faults.dropped
         }
-        query = idx if self.strategy.clients_use_public else idx[:0]
         # the round's public indices are a seeded function of (seed, round) that both
         # sides can compute: they travel here for validation but are not counted
         down = {cid: req.nbytes if req is not None else 0 for cid, req in requests.items()}

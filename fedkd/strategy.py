@@ -654,12 +654,13 @@ class ServerStrategy(ABC):
     ``server.teacher``), ``accepts`` (payload types :meth:`aggregate` takes; other
     payloads are rejected on arrival, with the reason logged and recorded) and
     ``clients_use_public`` (False: clients get an empty ``public_idx`` and the
-    round's public indices are not sent, nor counted as bytes down).
+    round's public indices are not sent, nor counted as bytes down; per round,
+    :meth:`public_query` decides).
 
     Only :meth:`aggregate` is required. Call order per round: :meth:`sample`,
-    :meth:`client_targets` (per sampled client), then, for the valid replies,
-    :meth:`check_payload`, :meth:`aggregate`, :meth:`distill`, :meth:`evaluate`,
-    :meth:`targets`.
+    :meth:`public_query`, :meth:`client_targets` (per sampled client), then, for the
+    valid replies, :meth:`check_payload`, :meth:`aggregate`, :meth:`distill`,
+    :meth:`evaluate`, :meth:`targets`.
     """
 
     Params: ClassVar[type] = NoParams
@@ -695,6 +696,14 @@ class ServerStrategy(ABC):
         from fedkd.rounds import sample_clients
 
         return sample_clients(server.config, server.round)
+
+    def public_query(self, server: ServerNode, public_idx: np.ndarray) -> np.ndarray:
+        """The public indices the clients get in round ``server.round`` (each client's
+        ``predict(node, public_idx)``): ``public_idx``, the round's seeded subset, or part
+        of it; an empty array sends none (e.g. rounds in which the strategy asks nothing,
+        as one-shot PATE before its query round). Payloads are validated against it.
+        Default: ``public_idx`` if ``clients_use_public``, else an empty array."""
+        return public_idx if self.clients_use_public else public_idx[:0]
 
     def client_targets(
         self, server: ServerNode, cid: int, targets: Payload | None

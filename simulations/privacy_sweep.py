@@ -8,8 +8,10 @@ keeps learning under DP-SGD where ``kd``'s logit-averaged teacher does not), the
 client-level Gaussian mechanism with central noise with ``--central-strategy``
 (default ``kd``: its logits survive clipping and noise better than DS-FL's
 ERA-sharpened soft labels), and PATE (client-level;
-``strategy = pate``, 200 queries a round, threshold-check noise equal to sigma).
-Writes ``privacy_utility.md``,
+``strategy = pate``, 200 queries, threshold-check noise equal to sigma; PATE's own
+default mode, one-shot: teachers trained over the rounds, queried once at the end).
+Every setting runs over ``--seeds`` seeds (default 5: seeds 0..4, one Ray start per
+setting) and every figure is the mean +- std over them. Writes ``privacy_utility.md``,
 ``privacy_utility.json`` and ``privacy_utility.png`` (student and server-model
 accuracy against epsilon; audit advantage against epsilon) to ``--out``
 (default ``runs/privacy-<timestamp>``); every run's own directory is kept.
@@ -71,33 +73,49 @@ def settings(args: argparse.Namespace) -> list[tuple[str, float | None, list[str
     return out
 
 
-def _row(mechanism: str, sigma: float | None, result: fedkd.RunResult) -> dict:
-    s = result.summary
-    f, priv, audit = s.final, s.privacy, s.audit  # privacy: None without a DP mechanism
+def _spread(result: fedkd.SeedsResult, key: str) -> tuple[float, float] | None:
+    spread = result.summary.metrics.get(key)
+    return None if spread is None else (spread.mean, spread.std)
+
+
+def _row(mechanism: str, sigma: float | None, result: fedkd.SeedsResult) -> dict:
+    runs = [r.summary for r in result.runs.values()]
+    priv = next((r.privacy for r in runs if r.privacy is not None), None)
     return {
         "mechanism": mechanism,
         "strategy": result.config.strategy.name,
         "sigma": sigma,
+        "seeds": list(result.summary.seeds),
         "unit": priv.unit if priv else "-",
-        "epsilon": priv.epsilon if priv else math.inf,
+        # the largest epsilon any seed spent (equal across seeds for data-independent bounds)
+        "epsilon": max((r.privacy.epsilon for r in runs if r.privacy), default=math.inf),
+        "epsilon_data_dependent": _spread(result, "epsilon_data_dependent"),
         "delta": priv.delta if priv else None,
-        "rounds": s.rounds_completed,
-        "students": f.students.mean if f.students else None,
-        "server_model": f.server_model,
-        "mia_auc": audit.mia_auc if audit else None,
-        "mia_advantage": audit.mia_advantage if audit else None,
-        "status": s.status,
-        "total_s": s.timing["total_s"],
+        "rounds": max((r.rounds_completed for r in runs), default=0),
+        "students": _spread(result, "students"),
+        "server_model": _spread(result, "server_model"),
+        "mia_auc": _spread(result, "mia_auc"),
+        "mia_advantage": _spread(result, "mia_advantage"),
+        "status": result.summary.status,
+        "total_s": sum(r.timing["total_s"] for r in runs),
         "directory": str(result.directory),
     }
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+def _pct(x: tuple[float, float] | None) -> str:
+    return "-" if x is None else f"{100 * x[0]:.1f} +- {100 * x[1]:.1f}%"
 
 
-def _num(x: float | None, fmt: str = ".3f") -> str:
-    return "-" if x is None else format(x, fmt)
+def _num(x: tuple[float, float] | None) -> str:
+    return "-" if x is None else f"{x[0]:.3f} +- {x[1]:.3f}"
+
+
+def _eps(r: dict) -> str:
+    if math.isinf(r["epsilon"]):
+        return "inf (no DP)"
+    dd = r["epsilon_data_dependent"]
+    extra = "" if dd is None else f" (data-dependent {dd[0]:.3g} +- {dd[1]:.2g})"
+    return f"{r['epsilon']:.3g}{extra}"
 
 
 def markdown(rows: list[dict], setting: str) -> str:
@@ -109,10 +127,10 @@ def markdown(rows: list[dict], setting: str) -> str:
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        eps = "inf (no DP)" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.3g}"
         unit = r["unit"].split(" (")[0]
+        sigma = "-" if r["sigma"] is None else format(r["sigma"], "g")
         lines.append(
-            f"| {r['mechanism']} | {r['strategy']} | {_num(r['sigma'], 'g')} | {unit} | {eps} "
+            f"| {r['mechanism']} | {r['strategy']} | {sigma} | {unit} | {_eps(r)} "
             f"| {r['rounds']} "
             f"| {_pct(r['students'])} | {_pct(r['server_model'])} | {_num(r['mia_auc'])} "
             f"| {_num(r['mia_advantage'])} | {r['total_s']:.0f} s |"
@@ -136,7 +154,7 @@ def plot(rows: list[dict], path: Path) -> None:
         color = f"C{i}"
         acc.plot(
             eps,
-            [100 * (r["students"] or 0) for r in pts],
+            [100 * (r["students"] or (0, 0))[0] for r in pts],
             "o-",
             color=color,
             label=f"{mech} ({pts[0]['strategy']}): students",
@@ -144,16 +162,18 @@ def plot(rows: list[dict], path: Path) -> None:
         if any(r["server_model"] is not None for r in pts):
             acc.plot(
                 eps,
-                [100 * (r["server_model"] or 0) for r in pts],
+                [100 * (r["server_model"] or (0, 0))[0] for r in pts],
                 "s--",
                 color=color,
                 label=f"{mech}: server model",
             )
-        mia.plot(eps, [r["mia_advantage"] or 0 for r in pts], "o-", color=color, label=mech)
+        adv = [(r["mia_advantage"] or (0, 0))[0] for r in pts]
+        mia.plot(eps, adv, "o-", color=color, label=mech)
     if base is not None:
         label = f"no DP ({base['strategy']})"
-        acc.axhline(100 * base["students"], color="gray", ls=":", label=f"{label}: students")
-        mia.axhline(base["mia_advantage"] or 0, color="gray", ls=":", label=label)
+        students = (base["students"] or (0, 0))[0]
+        acc.axhline(100 * students, color="gray", ls=":", label=f"{label}: students")
+        mia.axhline((base["mia_advantage"] or (0, 0))[0], color="gray", ls=":", label=label)
     acc.set(
         xscale="log",
         xlabel="epsilon (delta 1e-5)",
@@ -186,6 +206,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--clip", type=float, default=100.0, help="client_gaussian L2 bound")
     parser.add_argument("--pate-queries", type=int, default=200)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per setting")
     parser.add_argument("overrides", nargs="*", help="field=value, applied to every run")
     args = parser.parse_args(argv)
     out = Path(args.out or f"runs/privacy-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -195,19 +216,28 @@ def main(argv: list[str]) -> int:
     setting = ""
     for i, (mech, sigma, extra) in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {mech} sigma={sigma} ...", flush=True)
-        overrides = [*args.overrides, *extra, "baseline=false", f"output_dir={out}"]
+        overrides = [
+            *args.overrides,
+            *extra,
+            "baseline=false",
+            f"seeds={args.seeds}",
+            f"output_dir={out}",
+        ]
         result = fedkd.run("simulations/quickstart.toml", overrides, quiet=True)
+        if not isinstance(result, fedkd.SeedsResult):
+            raise SystemExit("privacy_sweep: expected a multi-seed run (seeds=...)")
         rows.append(_row(mech, sigma, result))
         r = rows[-1]
         print(
-            f"    epsilon {r['epsilon']:.3g}, students {_pct(r['students'])}, "
-            f"server {_pct(r['server_model'])}, MIA advantage {_num(r['mia_advantage'])}",
+            f"    epsilon {_eps(r)}, students {_pct(r['students'])}, "
+            f"server {_pct(r['server_model'])}, MIA advantage {_num(r['mia_advantage'])}; "
+            f"{r['status']}",
             flush=True,
         )
-        s = result.summary
+        first = next(iter(result.runs.values())).summary
         setting = (
-            f"{s.data}; {s.clients} clients; up to {s.rounds} rounds; "
-            f"strategies as in the table; seed {result.config.seed}"
+            f"{first.data}; {first.clients} clients; up to {first.rounds} rounds; "
+            f"strategies as in the table; mean +- std over seeds {r['seeds']}"
         )
         (out / "privacy_utility.json").write_text(
             json.dumps({"setting": setting, "rows": rows}, indent=2, default=str)

@@ -265,6 +265,8 @@ def test_privacy_sweep_writes_table_json_and_plot(tmp_path):
         "",
         "--sigmas-pate",
         "",
+        "--seeds",
+        "2",
         *SMALL,
         "rounds=2",
     ]
@@ -277,8 +279,11 @@ def test_privacy_sweep_writes_table_json_and_plot(tmp_path):
         ("dpsgd", 4.0),
     ]
     assert rows[1]["epsilon"] > rows[2]["epsilon"] > 0  # more noise, less epsilon
-    assert all(r["mia_advantage"] is not None for r in rows)
-    assert "record-level" in (tmp_path / "privacy_utility.md").read_text()
+    assert all(r["seeds"] == [0, 1] for r in rows)
+    assert all(len(r["mia_advantage"]) == 2 for r in rows)  # mean, std over the seeds
+    assert all(len(r["students"]) == 2 and 0 < r["students"][0] < 1 for r in rows)
+    table = (tmp_path / "privacy_utility.md").read_text()
+    assert "record-level" in table and "mean +- std over seeds [0, 1]" in table
     assert (tmp_path / "privacy_utility.png").stat().st_size > 10_000
 
 

@@ -29,7 +29,7 @@ from fedkd.results import (
     read_rounds,
     read_summary,
 )
-from fedkd.rounds import Federation
+from fedkd.rounds import Federation, Interrupted
 from fedkd.state_store import DiskStateStore
 from tests.conftest import SMALL
 
@@ -103,6 +103,16 @@ def test_round_records_round_trip_and_refuse_other_schemas(small_config):
 # --- checkpoints in process ------------------------------------------------------------
 
 
+class _After:
+    """A stop signal set once ``federation`` has finished ``rounds`` rounds."""
+
+    def __init__(self, federation: Federation, rounds: int) -> None:
+        self.federation, self.rounds = federation, rounds
+
+    def is_set(self) -> bool:
+        return len(self.federation.records) >= self.rounds
+
+
 @pytest.mark.parametrize(
     "strategy",
     ["kd", "fedavg", "feddf", "fd", "pate"],  # teacher; server models in state; FD state; ledger
@@ -116,8 +126,9 @@ def test_restored_checkpoint_continues_exactly(small_config, tmp_path, strategy)
     straight = Federation(cfg, data).run(InlineTransport(cfg, str(path)))
 
     store = DiskStateStore(tmp_path / "clients")
-    first = Federation(load_config(cfg, ["rounds=2"]), data)  # stands for a run killed after 2
-    first.run(InlineTransport(first.config, str(path), store))
+    first = Federation(cfg, data)  # stopped after round 2: stands for a run killed there
+    with pytest.raises(Interrupted):  # (the same config: one-shot PATE asks in the last round)
+        first.run(InlineTransport(cfg, str(path), store), stop=_After(first, 2))
     save_checkpoint(tmp_path, first)
     resumed = Federation(cfg, data)
     assert restore_checkpoint(tmp_path, resumed) == 2

@@ -181,6 +181,10 @@ class PrivacyRecord:
     epsilon: float
     noise: str
     clients: dict[int, float]
+    # PATE: epsilon of the data-dependent RDP analysis (Papernot et al. 2018) at the same
+    # delta, beside the enforced data-independent ``epsilon``; it depends on the private
+    # votes, so it is not itself DP (the paper releases it via smooth sensitivity)
+    epsilon_data_dependent: float | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> PrivacyRecord | None:

@@ -31,7 +31,9 @@ def progress_line(record: RoundRecord, rounds: int) -> str:
     parts.append(f"up {_bytes(record.bytes_up)} down {_bytes(record.bytes_down)}")
     if record.privacy is not None:
         p = record.privacy
-        parts.append(f"eps {p.epsilon:.3g} (delta {p.delta:g})")
+        dep = p.epsilon_data_dependent
+        more = "" if dep is None else f"; data-dependent {dep:.3g}, not itself DP"
+        parts.append(f"eps {p.epsilon:.3g} (delta {p.delta:g}{more})")
     parts.append(f"{record.seconds:.2f} s")
     if record.faults:
         f = record.faults
@@ -119,6 +121,13 @@ def summary_table(summary: RunSummary) -> str:
             f"delta {p.delta:g} ({p.accountant} accountant; per client "
             f"{min(eps):.3g}-{max(eps):.3g})"
         )
+        if p.epsilon_data_dependent is not None:
+            lines.append(
+                f"  data-dependent RDP (Papernot et al. 2018): epsilon "
+                f"{p.epsilon_data_dependent:.3g} at delta {p.delta:g}; it depends on the private "
+                "data, so it is not itself DP (no smooth-sensitivity release); the budget "
+                "and the epsilon above are the data-independent bound"
+            )
     if summary.audit is not None:
         a = summary.audit
         lines.append(

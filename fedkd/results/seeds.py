@@ -59,6 +59,26 @@ METRICS: dict[str, tuple[str, Callable[[RunSummary], float | None], str]] = {
         lambda s: s.communication.bytes_up / max(s.rounds_completed, 1),
         "bytes",
     ),
+    "epsilon": (
+        "privacy: epsilon spent (worst client)",
+        lambda s: None if s.privacy is None else s.privacy.epsilon,
+        "eps",
+    ),
+    "epsilon_data_dependent": (
+        "privacy: data-dependent epsilon (PATE; not itself DP)",
+        lambda s: None if s.privacy is None else s.privacy.epsilon_data_dependent,
+        "eps",
+    ),
+    "mia_auc": (
+        "membership-inference audit: AUC",
+        lambda s: None if s.audit is None else s.audit.mia_auc,
+        "ratio",
+    ),
+    "mia_advantage": (
+        "membership-inference audit: advantage",
+        lambda s: None if s.audit is None else s.audit.mia_advantage,
+        "ratio",
+    ),
     "rounds_s": ("seconds in rounds", lambda s: s.timing.get("rounds_s"), "s"),
     "rounds_to_target": (
         "rounds to the first target accuracy",
@@ -160,6 +180,10 @@ def _formatter(unit: str) -> Callable[[float], str]:
         return lambda v: f"{100 * v:.1f}"
     if unit == "bytes":
         return lambda v: f"{v:,.0f}"
+    if unit == "eps":
+        return lambda v: "inf" if math.isinf(v) else f"{v:.3g}"
+    if unit == "ratio":
+        return lambda v: f"{v:.3f}"
     return lambda v: f"{v:.1f}"
 
 
