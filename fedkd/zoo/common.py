@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -18,11 +20,15 @@ def image_shape(name: str, input_shape: tuple[int, ...], min_size: int) -> tuple
 
 
 @torch.no_grad()
-def flat_width(name: str, features: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Features per sample after ``features``, found by a dry run that leaves no trace.
+def flat_width(
+    name: str, stages: Sequence[Sequence[nn.Module]], input_shape: tuple[int, ...]
+) -> int:
+    """Features per sample after the modules of ``stages``, found by a dry run that leaves
+    no trace.
 
     The run is in eval mode, so BatchNorm statistics and the RNG (dropout) are untouched.
     """
+    features = nn.Sequential(*(m for stage in stages for m in stage))
     features.eval()
     try:
         out = features(torch.zeros(1, *input_shape))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedkd.models import MODELS
+from fedkd.models import MODELS, StagedSequential
 from fedkd.zoo.common import image_shape
 
 
@@ -55,16 +55,21 @@ def mobilenetv2(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     torchvision) with the small-input strides of github.com/kuangliu/pytorch-cifar: stride 1
     in the stem and in the 24-channel stage, so 32x32 inputs end at 4x4. Global average
     pooling and a linear classifier, without dropout (2,236,682 parameters for 10 classes).
+    Four stages, one per resolution (32, 16, 8, 4 pixels for 32-pixel inputs): a strided
+    block opens the next; the last ends with the 1280-channel 1x1 convolution.
     """
     c, _, _ = image_shape("mobilenetv2", input_shape, 8)
-    layers: list[nn.Module] = [_conv_bn(c, 32, 3), nn.ReLU6()]
+    stages: list[list[nn.Module]] = [[_conv_bn(c, 32, 3), nn.ReLU6()]]
     c = 32
     for expansion, c_out, blocks, stride in MOBILENETV2:
+        if stride != 1:
+            stages.append([])
         for i in range(blocks):
-            layers.append(InvertedResidual(c, c_out, expansion, stride if i == 0 else 1))
+            stages[-1].append(InvertedResidual(c, c_out, expansion, stride if i == 0 else 1))
             c = c_out
-    layers += [_conv_bn(c, 1280), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers, nn.Linear(1280, num_classes))
+    stages[-1] += [_conv_bn(c, 1280), nn.ReLU6()]
+    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, num_classes)]
+    return StagedSequential.from_stages(stages, head)
 
 
 def _shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
@@ -121,16 +126,18 @@ def shufflenetv2(
     As github.com/kuangliu/pytorch-cifar (``models/shufflenetv2.py``): a stride-1 3x3 stem
     (24) without max-pooling, three stages of a downsampling unit plus 3, 7 and 3 units,
     a 1x1 conv, global average pooling and a linear classifier (net_size 1: 1,263,854
-    parameters for 10 classes).
+    parameters for 10 classes). Four stages, one per resolution: the stem, then each
+    downsampling unit with the units after it; the last ends with the 1x1 convolution.
     """
     if net_size not in SHUFFLENETV2:
         raise ValueError(f"shufflenetv2: net_size must be one of {sorted(SHUFFLENETV2)}")
     c, _, _ = image_shape("shufflenetv2", input_shape, 8)
     widths, final = SHUFFLENETV2[net_size]
-    layers: list[nn.Module] = [_conv_bn(c, 24, 3), nn.ReLU()]
+    stages: list[list[nn.Module]] = [[_conv_bn(c, 24, 3), nn.ReLU()]]
     c = 24
     for width, units in zip(widths, (3, 7, 3), strict=True):
-        layers += [ShuffleDown(c, width), *(ShuffleBlock(width) for _ in range(units))]
+        stages.append([ShuffleDown(c, width), *(ShuffleBlock(width) for _ in range(units))])
         c = width
-    layers += [_conv_bn(c, final), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers, nn.Linear(final, num_classes))
+    stages[-1] += [_conv_bn(c, final), nn.ReLU()]
+    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(final, num_classes)]
+    return StagedSequential.from_stages(stages, head)

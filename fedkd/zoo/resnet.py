@@ -61,6 +61,9 @@ class CifarResNet(nn.Module):
     464,154); ``"B"`` projects with 1x1 conv + norm where the shape changes, as FedDF's code
     (github.com/epfml/federated-learning-public-code) does (ResNet-8: 78,042, ResNet-20:
     272,474).
+
+    :meth:`forward_features` gives the three stages (the stem with the 16-channel blocks,
+    then the 32- and 64-channel blocks), the pooled embedding and the logits.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class CifarResNet(nn.Module):
         if shortcut not in ("A", "B"):
             raise ValueError(f"CIFAR ResNet shortcut must be 'A' or 'B', got {shortcut!r}")
         n = (depth - 2) // 6
+        self.blocks_per_stage = n
         self.conv1 = nn.Conv2d(in_channels, WIDTHS[0], 3, 1, 1, bias=False)
         self.bn1 = norm(WIDTHS[0])
         blocks: list[nn.Module] = []
@@ -90,6 +94,18 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layers(F.relu(self.bn1(self.conv1(x))))
         return self.linear(self.pool(out).flatten(1))
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``stage1``-``stage3``, ``embedding`` and ``logits`` of one pass."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        feats: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.layers, 1):
+            out = block(out)
+            if i % self.blocks_per_stage == 0:
+                feats[f"stage{i // self.blocks_per_stage}"] = out
+        feats["embedding"] = self.pool(out).flatten(1)
+        feats["logits"] = self.linear(feats["embedding"])
+        return feats
 
 
 def _resnet(
