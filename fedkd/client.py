@@ -20,6 +20,7 @@ from fedkd.contracts import check_metrics, check_payload
 from fedkd.data import load_federated_data
 from fedkd.data.transforms import train_augment
 from fedkd.faults import byzantine_clients, byzantine_payload, flip_labels
+from fedkd.kd.step import RoutedLoss
 from fedkd.models import build_model
 from fedkd.payloads import Payload, PayloadError
 from fedkd.privacy.accounting import accountant_epsilon
@@ -27,7 +28,13 @@ from fedkd.privacy.dpsgd import HISTORY_KEY
 from fedkd.privacy.noise import NoiseSource
 from fedkd.seeding import derive_seed, torch_generator
 from fedkd.state_store import DiskStateStore, MemoryStateStore, StateStore
-from fedkd.strategy import ClientNode, client_strategy, server_strategy
+from fedkd.strategy import (
+    LOSSES_KEY,
+    ClientNode,
+    client_losses,
+    client_strategy,
+    server_strategy,
+)
 from fedkd.training import logit_metrics, make_optimizer, predict_logits, to_tensor
 
 
@@ -185,7 +192,18 @@ class ClientRuntime:
             augment=self.augment,
             augment_generator=torch_generator(cfg.seed, "augment", rnd, cid),
             amp=cfg.amp,
+            losses=self._losses(cid, extra),
         )
+
+    def _losses(self, cid: int, extra: dict[str, Any]) -> RoutedLoss | None:
+        """The configured training loss (``strategy.losses``) of client ``cid``, with its
+        learnable parts as the client last saved them."""
+        configured = client_losses(self.config, cid)
+        if configured is None:
+            return None
+        specs, path = configured
+        seed = derive_seed(self.config.seed, "kd-losses", cid)
+        return RoutedLoss.from_config(specs, path, seed=seed, state=extra.get(LOSSES_KEY))
 
     def fit(self, cid: int, rnd: int, targets: Payload | None, public_idx: np.ndarray) -> FitReply:
         """One round for client ``cid``: restore, train, predict, release, evaluate, save."""

@@ -49,6 +49,7 @@ from fedkd.config import (
     from_dict,
 )
 from fedkd.data.transforms import Augment
+from fedkd.kd.step import RoutedLoss, StepLoss
 from fedkd.losses import make_kd_loss
 from fedkd.models import build_model
 from fedkd.payloads import ClassLogits, Logits, Payload, PayloadError, SoftLabels, Weights
@@ -79,8 +80,22 @@ class NoParams:
     """For strategies without hyperparameters."""
 
 
+#: where a client's state keeps the configured loss's learnable parts between rounds
+LOSSES_KEY = "kd_losses"
+
+#: strategy-table keys the runtime handles for every strategy (not the Params' fields):
+#: ``losses``, the client training loss as a weighted list (:mod:`fedkd.kd.step`)
+RUNTIME_PARAMS = ("losses",)
+
+
 def make_params(cls: type, values: dict[str, Any], path: str) -> Any:
-    """Build a strategy's params dataclass, naming ``path.<field>`` in any error."""
+    """Build a strategy's params dataclass, naming ``path.<field>`` in any error. The
+    runtime's own keys (:data:`RUNTIME_PARAMS`) are validated here and left out."""
+    if "losses" in values:
+        from fedkd.kd import build_loss
+
+        build_loss(values["losses"], f"{path}.losses")
+    values = {k: v for k, v in values.items() if k not in RUNTIME_PARAMS}
     try:
         return from_dict(cls, values, path)
     except ConfigError:
@@ -108,7 +123,8 @@ def public_kd_targets(
         raise TypeError(f"cannot distill towards a {type(targets).__name__} payload")
     idx = torch.as_tensor(targets.idx, dtype=torch.long, device=public_x.device)
     values_t = torch.as_tensor(values, dtype=torch.float32, device=public_x.device)
-    return KDTargets(public_x[idx], values_t, make_kd_loss(loss or default, temperature))
+    kd_loss = make_kd_loss(loss or default, temperature)
+    return KDTargets(public_x[idx], values_t, kd_loss, probs=isinstance(targets, SoftLabels))
 
 
 def softmax_rows(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -192,6 +208,9 @@ class ClientNode:
     augment: Augment = Locked(Augment())  # type: ignore[assignment]
     augment_generator: torch.Generator | None = None
     amp: bool = False  # training under bfloat16 autocast (the config's amp)
+    # the configured training loss (strategy.losses), used wherever the node trains
+    # unless a strategy passes its own step; None: the strategy's own loss
+    losses: StepLoss | None = None
 
     def __post_init__(self) -> None:
         # what DP-SGD may train: the student and optimizer as the runtime built them
@@ -274,6 +293,7 @@ class ClientNode:
             torch.as_tensor(targets.means, dtype=torch.float32, device=self.device),
             torch.as_tensor(targets.counts > 0, device=self.device),
             make_kd_loss(loss, temperature),
+            probs=loss == "prob_kl",
         )
 
     def train_on(
@@ -286,8 +306,10 @@ class ClientNode:
         kd_weight: float = 0.0,
         augment: bool = False,
         class_means: ClassMeans | None = None,
+        step: StepLoss | None = None,
     ) -> Metrics:
-        """Epochs of cross-entropy on (x, y), optionally mixed with a KD term;
+        """Epochs of cross-entropy on (x, y), optionally mixed with a KD term (or the loss
+        ``step`` / the configured ``strategy.losses`` computes, :mod:`fedkd.kd.step`);
         ``augment`` applies the run's train-time augmentation to the batches of ``x``
         (:meth:`train_private` does; a strategy training on public inputs may ask);
         ``class_means`` collects the outputs per label during training (FD).
@@ -295,20 +317,31 @@ class ClientNode:
         Not for the private data while it is sealed (use :meth:`train_private`)."""
         if self.sealed and _shares_memory(x, stored(self, "x")):
             raise PrivacyError(self._sealed_message("the private data (in train_on)"))
-        return train_supervised(
-            self.model,
-            self.optimizer,
-            x,
-            y,
-            epochs=self.settings.local_epochs if epochs is None else epochs,
-            batch_size=self.settings.batch_size,
-            generator=self.generator,
-            kd=kd,
-            kd_weight=kd_weight,
-            recipe=self.recipe,
-            augment=self.augmenter() if augment else None,
-            class_means=class_means,
+        step = step or self.losses
+        return self._kept(
+            step,
+            train_supervised(
+                self.model,
+                self.optimizer,
+                x,
+                y,
+                epochs=self.settings.local_epochs if epochs is None else epochs,
+                batch_size=self.settings.batch_size,
+                generator=self.generator,
+                kd=kd,
+                kd_weight=kd_weight,
+                recipe=self.recipe,
+                augment=self.augmenter() if augment else None,
+                class_means=class_means,
+                step=step,
+            ),
         )
+
+    def _kept(self, step: StepLoss | None, metrics: Metrics) -> Metrics:
+        """Keep the configured loss's learnable parts (adapters) with the client's state."""
+        if step is not None and step is self.losses and isinstance(step, RoutedLoss):
+            self.state[LOSSES_KEY] = step.state()
+        return metrics
 
     def train_private(
         self,
@@ -319,6 +352,7 @@ class ClientNode:
         temperature: float = 1.0,
         loss: str | None = None,
         class_means: ClassMeans | None = None,
+        step: StepLoss | None = None,
     ) -> Metrics:
         """Local epochs (default ``clients.local_epochs``) of cross-entropy on private
         data, mixed with distillation towards ``kd``: targets on public samples
@@ -326,9 +360,17 @@ class ClientNode:
         themselves (``ClassLogits``; classes with count 0 get no KD term).
         ``class_means`` (:meth:`class_means`) collects the per-label outputs of the
         training steps, as FD does; refused under DP-SGD (they are private-data outputs
-        released outside it)."""
+        released outside it). ``step`` (or the configured ``strategy.losses``) computes
+        each step's loss instead of the CE + KD mix (``kd_weight``, ``loss`` and
+        ``temperature`` then only shape the targets' kind); not yet under DP-SGD."""
         if class_means is not None and self.privacy is not None and self.sealed:
             raise PrivacyError(self._class_means_refusal())
+        if self.dpsgd and (step or self.losses) is not None:
+            raise PrivacyError(
+                f"{self._who()}: a custom training loss (a step, or strategy.losses) does "
+                "not run under DP-SGD yet; its per-sample gradients are not clipped and "
+                "noised, which the mechanism requires"
+            )
         if self.dpsgd:
             return self._train_private_dp(epochs, kd, kd_weight, temperature, loss)
         targets: KDTargets | ClassKDTargets | None = None
@@ -345,6 +387,7 @@ class ClientNode:
             kd_weight=kd_weight,
             augment=True,
             class_means=class_means,
+            step=step,
         )
 
     def _train_private_dp(
@@ -398,18 +441,25 @@ class ClientNode:
         temperature: float = 1.0,
         loss: str | None = None,
         augment: bool = False,
+        step: StepLoss | None = None,
     ) -> Metrics:
         """Epochs of pure distillation towards ``targets`` on the public inputs
-        (augmented by the run's train-time augmentation if ``augment``)."""
-        return distill(
-            self.model,
-            self.optimizer,
-            self.kd_targets(targets, temperature, loss),
-            epochs=epochs,
-            batch_size=self.settings.batch_size,
-            generator=self.generator,
-            recipe=self.recipe,
-            augment=self.augmenter() if augment else None,
+        (augmented by the run's train-time augmentation if ``augment``); ``step`` (or the
+        configured ``strategy.losses``) computes each step's loss instead of ``loss``."""
+        step = step or self.losses
+        return self._kept(
+            step,
+            distill(
+                self.model,
+                self.optimizer,
+                self.kd_targets(targets, temperature, loss),
+                epochs=epochs,
+                batch_size=self.settings.batch_size,
+                generator=self.generator,
+                recipe=self.recipe,
+                augment=self.augmenter() if augment else None,
+                step=step,
+            ),
         )
 
     def public_logits(self, idx: np.ndarray) -> np.ndarray:
@@ -781,3 +831,19 @@ def client_strategy(config: Config, cid: int) -> ClientStrategy:
         names = {f.name for f in fields(cls.Params)}
         params = {k: v for k, v in params.items() if k in names}
     return cls(make_params(cls.Params, params, "strategy"))
+
+
+def client_losses(config: Config, cid: int) -> tuple[Any, str] | None:
+    """Client ``cid``'s configured training loss list and its config path
+    (``strategy.losses``, or ``clients.strategies.<range>.losses`` where an explicit
+    entry sets one); None when neither does (the strategy's own loss)."""
+    from fedkd.config import parse_id_range
+
+    for key, spec in config.clients.strategies.items():
+        if cid in parse_id_range(key, config.clients.count, "clients.strategies"):
+            if "losses" in spec.params:
+                return spec.params["losses"], f"clients.strategies.{key}.losses"
+            break
+    if "losses" in config.strategy.params:
+        return config.strategy.params["losses"], "strategy.losses"
+    return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from torch import nn
 from fedkd.config import Spec
 from fedkd.recipes import Recipe
 from fedkd.registry import Registry
+
+if TYPE_CHECKING:
+    from fedkd.kd.step import StepLoss
 
 OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry(
     "optimizer", check=lambda c: isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
@@ -38,8 +42,18 @@ class KDTargets:
     """Soft targets on some public inputs, to distill into a model."""
 
     x: torch.Tensor  # public inputs for the target rows
-    logits: torch.Tensor  # teacher logits, one row per input
+    logits: torch.Tensor  # teacher logits, one row per input (probabilities if ``probs``)
     loss: nn.Module  # e.g. SoftKL(temperature)
+    probs: bool = False  # the rows are probabilities (soft labels), not logits
+    # the teacher's features per row where the targets carry them (e.g. "embedding")
+    features: dict[str, torch.Tensor] | None = None
+
+    def context(self, rows: torch.Tensor) -> dict[str, Any]:
+        """The teacher's side of a :class:`fedkd.kd.Batch` for target rows ``rows``."""
+        teacher = {k: v[rows] for k, v in (self.features or {}).items()}
+        if self.probs:
+            return {"target_probs": self.logits[rows], "teacher": teacher or None}
+        return {"teacher": {"logits": self.logits[rows], **teacher}}
 
 
 @dataclass
@@ -53,6 +67,14 @@ class ClassKDTargets:
     logits: torch.Tensor  # (classes, classes)
     valid: torch.Tensor  # (classes,) bool
     loss: nn.Module
+    probs: bool = False  # the rows are mean probabilities, not mean logits
+
+    def context(self, y: torch.Tensor) -> dict[str, Any]:
+        """The teacher's side of a private :class:`fedkd.kd.Batch` with labels ``y``: each
+        row's class target, and which rows have one (``teacher_mask``)."""
+        values = self.logits[y]
+        side = {"target_probs": values} if self.probs else {"teacher": {"logits": values}}
+        return {**side, "teacher_mask": self.valid[y]}
 
 
 @dataclass
@@ -112,6 +134,7 @@ def train_supervised(
     recipe: Recipe | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     class_means: ClassMeans | None = None,
+    step: StepLoss | None = None,
 ) -> dict[str, float]:
     """Cross-entropy on (x, y), optionally mixed with a distillation term.
 
@@ -122,8 +145,15 @@ def train_supervised(
     rate before each step, clips gradients and smooths the CE labels; ``augment``
     (e.g. a seeded random crop and flip) transforms each batch of ``x``, never the
     public batches of the KD term. ``class_means`` collects each batch's outputs per
-    label, as they are computed for the step (FD).
+    label, as they are computed for the step (FD). ``step`` replaces the loss (not the
+    loop): see :func:`train_steps`; ``kd_weight`` is then unused.
     """
+    if step is not None:
+        return train_steps(
+            model, optimizer, x, y, step=step, epochs=epochs, batch_size=batch_size,
+            generator=generator, kd=kd, recipe=recipe, augment=augment,
+            class_means=class_means,
+        )  # fmt: skip
     recipe = recipe or Recipe()
     model.train()
     totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
@@ -168,6 +198,89 @@ def train_supervised(
     return out_metrics
 
 
+def _update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    recipe: Recipe,
+    step: StepLoss,
+) -> None:
+    """One optimizer step on ``loss``; learnable parts of ``step`` (adapters) sized on this
+    step join the optimizer first."""
+    fresh = step.new_parameters()
+    if fresh:
+        optimizer.add_param_group({"params": fresh})
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    recipe.clip(model)
+    optimizer.step()
+
+
+def _step_metrics(totals: dict[str, float], steps: int, lr: float | None) -> dict[str, float]:
+    out = {k: v / max(steps, 1) for k, v in totals.items()}
+    if lr is not None:
+        out["lr"] = lr
+    return out
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    step: StepLoss,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    kd: KDTargets | ClassKDTargets | None = None,
+    recipe: Recipe | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    class_means: ClassMeans | None = None,
+) -> dict[str, float]:
+    """Epochs over the labelled (x, y), each step's loss computed by ``step`` from batch
+    contexts (:mod:`fedkd.kd.step`): the batch with its labels (and, with
+    :class:`ClassKDTargets`, each row's class target), and, with :class:`KDTargets`, a
+    random public batch of the same size with its targets. Same loop as
+    :func:`train_supervised` (shuffling, recipe, augmentation, ``class_means``); metrics:
+    ``loss`` and each of the step's named terms, averaged over the steps that had them."""
+    from fedkd.kd import Batch
+    from fedkd.kd.step import student_outputs
+
+    recipe = recipe or Recipe()
+    model.train()
+    totals: dict[str, float] = {"loss": 0.0}
+    counts: dict[str, int] = {}
+    steps, lr = 0, None
+    per_epoch = -(-len(y) // batch_size)
+    for epoch in range(epochs):
+        for rows in _batches(len(y), batch_size, generator):
+            lr = recipe.set_lr(
+                optimizer, epoch=epoch, epochs=epochs, step=steps, steps=epochs * per_epoch
+            )
+            with recipe.autocast(x.device):
+                inputs = x[rows] if augment is None else augment(x[rows])
+                main = Batch(student_outputs(model, inputs, step), labels=y[rows])
+                if class_means is not None:
+                    class_means.add(main.student["logits"], y[rows])
+                paired = None
+                if isinstance(kd, ClassKDTargets):
+                    main = Batch(main.student, labels=y[rows], **kd.context(y[rows]))
+                elif kd is not None:
+                    pick = torch.randint(len(kd.logits), (len(rows),), generator=generator)
+                    paired = Batch(student_outputs(model, kd.x[pick], step), **kd.context(pick))
+                loss = step(main, paired)
+            _update(model, optimizer, loss, recipe, step)
+            totals["loss"] += loss.item()
+            for k, v in step.terms.items():
+                totals[k] = totals.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+            steps += 1
+    out = _step_metrics({"loss": totals.pop("loss")}, steps, lr)
+    out.update({k: v / counts[k] for k, v in totals.items()})
+    return out
+
+
 def distill(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -179,14 +292,18 @@ def distill(
     max_steps: int | None = None,
     recipe: Recipe | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    step: StepLoss | None = None,
 ) -> dict[str, float]:
     """Fit ``model`` to the soft targets alone (no labels): ``epochs`` passes over them
     (stopping early after ``max_steps`` batches, if given). ``recipe`` sets the rate
     before each step and clips gradients (:mod:`fedkd.recipes`); ``augment`` transforms
-    each batch of inputs (the targets stay those of the plain inputs)."""
+    each batch of inputs (the targets stay those of the plain inputs). ``step``, if
+    given, computes each step's loss from the public batch's context (no ``paired``
+    batch) instead of ``kd.loss``; its named terms join the metrics."""
     recipe = recipe or Recipe()
     model.train()
     total, steps = 0.0, 0
+    terms: dict[str, float] = {}
     per_epoch = -(-len(kd.logits) // batch_size)
     limit = float("inf") if max_steps is None else max_steps
     planned = int(min(epochs * per_epoch, limit))  # the step clock's length
@@ -200,17 +317,33 @@ def distill(
             lr = recipe.set_lr(optimizer, epoch=epoch, epochs=epochs, step=steps, steps=planned)
             inputs = kd.x[rows] if augment is None else augment(kd.x[rows])
             with recipe.autocast(inputs.device):
-                loss = kd.loss(model(inputs), kd.logits[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            recipe.clip(model)
-            optimizer.step()
+                if step is None:
+                    loss = kd.loss(model(inputs), kd.logits[rows])
+                else:
+                    loss = step(_public_batch(model, inputs, kd, rows, step), None)
+            if step is None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                recipe.clip(model)
+                optimizer.step()
+            else:
+                _update(model, optimizer, loss, recipe, step)
+                for k, v in step.terms.items():
+                    terms[k] = terms.get(k, 0.0) + v
             total += loss.item()
             steps += 1
-    out = {"kd": total / max(steps, 1)}
-    if lr is not None:
-        out["lr"] = lr
+    out = _step_metrics({"kd": total}, steps, lr)
+    out.update({k: v / max(steps, 1) for k, v in terms.items()})
     return out
+
+
+def _public_batch(
+    model: nn.Module, inputs: torch.Tensor, kd: KDTargets, rows: torch.Tensor, step: StepLoss
+) -> Any:
+    from fedkd.kd import Batch
+    from fedkd.kd.step import student_outputs
+
+    return Batch(student_outputs(model, inputs, step), **kd.context(rows))
 
 
 @torch.no_grad()

@@ -312,7 +312,17 @@ def _probe_node(
         privacy=config.privacy,
         seed=config.seed,
         strategy_name=type(strategy).__name__,
+        losses=_probe_losses(config, cid),
     )
+
+
+def _probe_losses(config: Config, cid: int) -> Any:
+    """The client's configured training loss (``strategy.losses``), as the runtime builds it."""
+    from fedkd.kd.step import RoutedLoss
+    from fedkd.strategy import client_losses
+
+    configured = client_losses(config, cid)
+    return None if configured is None else RoutedLoss.from_config(*configured)
 
 
 def _probe(config: Config, data: FederatedData, cid: int, strategy: ClientStrategy) -> None:
@@ -344,13 +354,13 @@ def preflight(config: Config, data: FederatedData) -> None:
     if not sealed(config.privacy):
         return
     from fedkd.config import parse_id_range
-    from fedkd.strategy import client_strategy
+    from fedkd.strategy import client_losses, client_strategy
 
-    probes: dict[tuple[type, str], tuple[ClientStrategy, int, str]] = {}
+    probes: dict[tuple[type, str, str], tuple[ClientStrategy, int, str]] = {}
     ranges = config.clients.strategies
     for cid in range(config.clients.count):
         strategy = client_strategy(config, cid)
-        key = (type(strategy), repr(strategy.params))
+        key = (type(strategy), repr(strategy.params), repr(client_losses(config, cid)))
         if key not in probes:
             source = next(
                 (k for k in ranges if cid in parse_id_range(k, config.clients.count, "")), None

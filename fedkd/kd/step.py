@@ -1,0 +1,157 @@
+"""The loss of one client training step, computed from batch contexts.
+
+The runtime keeps the loop (batches, device, rate schedule, clipping, privacy) and, per
+step, builds up to two :class:`~fedkd.kd.Batch` contexts:
+
+- ``main``: the batch being trained on: a private batch (``labels``; with per-class
+  targets, as FD's, also the teacher's targets per row and ``teacher_mask``), or a
+  public batch when distilling (the teacher's targets, no labels);
+- ``paired``: during private training towards targets on *public* samples (KD, DS-FL,
+  FedMD's revisit), a random public batch of the same size with the teacher's targets;
+  None otherwise.
+
+A :class:`StepLoss` turns them into the scalar to minimise. :class:`RoutedLoss` is the
+one a config writes (``strategy.losses = [...]``): each term is computed on the first
+context that has everything it reads (``ce`` on the private batch, ``soft_kl`` on the
+paired public batch or on the private batch's per-class targets), so one list serves
+private training and public distillation alike. A term that applies to neither context
+is skipped (``ce`` while distilling on unlabelled public data; any teacher term in a
+round without targets); a term that reads a teacher feature the targets do not carry is
+an error, as is a step on which no term applies.
+
+A strategy replaces the step by passing its own :class:`StepLoss` (e.g. mutual learning,
+a proximal term) to :meth:`fedkd.strategy.ClientNode.train_private` or
+:meth:`~fedkd.strategy.ClientNode.distill_public`; it never writes the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from fedkd.kd.compose import WeightedLoss, build_loss
+from fedkd.kd.context import Batch, MissingContextError
+
+
+def _reads_teacher(needs: frozenset[str]) -> bool:
+    return any(n.startswith("teacher.") or n == "target_probs" for n in needs)
+
+
+class StepLoss(nn.Module):
+    """A training step's loss from ``(main, paired)`` contexts (see the module docstring).
+
+    Subclasses set ``needs`` (what the student must produce: ``"student.embedding"`` or
+    ``"student.stage*"`` make the runtime compute :func:`fedkd.models.features`; logits
+    are always there) and implement :meth:`forward`. ``terms`` holds the last step's
+    named values for the round's metrics (floats). Parameters of the module (adapters)
+    are trained with the student: the runtime adds those :meth:`new_parameters` returns
+    to the optimizer.
+    """
+
+    needs: frozenset[str] = frozenset({"student.logits"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.terms: dict[str, float] = {}
+        self._given: set[int] = set()
+
+    def forward(self, main: Batch, paired: Batch | None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters not yet handed to the optimizer (each is returned once)."""
+        fresh = [p for p in self.parameters() if id(p) not in self._given]
+        self._given.update(id(p) for p in fresh)
+        return fresh
+
+    @property
+    def wants_features(self) -> bool:
+        """True if the student must return more than its logits."""
+        return any(n.startswith("student.") and n != "student.logits" for n in self.needs)
+
+
+class RoutedLoss(StepLoss):
+    """A :class:`~fedkd.kd.WeightedLoss` whose terms are each computed on the first
+    context that has what they read (``main``, then ``paired``).
+
+    Learnable parts are sized on the first step from that step's feature shapes (seeded
+    by ``seed``), then loaded from ``state`` if given (the client's saved adapters).
+    """
+
+    def __init__(
+        self, weighted: WeightedLoss, *, seed: int = 0, state: Mapping[str, Tensor] | None = None
+    ) -> None:
+        super().__init__()
+        self.weighted = weighted
+        self.needs = weighted.needs
+        self.seed = seed
+        self._state = dict(state) if state else None
+
+    @classmethod
+    def from_config(cls, specs: Any, field: str = "strategy.losses", **kwargs: Any) -> RoutedLoss:
+        """From the config list ``[{ name, weight, <params> }]`` (:func:`build_loss`)."""
+        return cls(build_loss(specs, field), **kwargs)
+
+    def _setup(self, main: Batch, paired: Batch | None) -> None:
+        teacher = next((b for b in (main, paired) if b is not None and b.teacher), main)
+        device = main.student["logits"].device
+        self.weighted.setup(main.dims()[0], teacher.dims()[1], seed=self.seed)
+        self.weighted.to(device)
+        if self._state:
+            self.weighted.load_state_dict(self._state)
+            self._state = None
+
+    def _context(self, loss: nn.Module, main: Batch, paired: Batch | None) -> Batch | None:
+        candidates = [b for b in (main, paired) if b is not None]
+        for batch in candidates:
+            if not batch.missing(loss.needs):
+                return batch
+        with_teacher = [b for b in candidates if b.teacher or b.target_probs is not None]
+        if _reads_teacher(loss.needs) and with_teacher:
+            missing = ", ".join(with_teacher[0].missing(loss.needs))
+            raise MissingContextError(
+                f"strategy.losses: {loss.name} needs {missing}, which this step's targets "
+                "do not carry (the payload carries: "
+                f"{', '.join(with_teacher[0].teacher or {'target_probs': None})})"
+            )
+        return None  # e.g. ce on unlabelled public data; teacher terms before any target
+
+    def forward(self, main: Batch, paired: Batch | None) -> Tensor:
+        if self.weighted.needs_setup:
+            self._setup(main, paired)
+        total: Tensor | None = None
+        terms: dict[str, float] = {}
+        w = self.weighted
+        for name, weight, loss in zip(w.names, w.weights, w.losses, strict=True):
+            batch = self._context(loss, main, paired)
+            if batch is None:
+                continue
+            value = w._term(loss, batch)
+            terms[name] = float(value.detach())
+            total = weight * value if total is None else total + weight * value
+        if total is None:
+            have = sorted(n for n in ("labels", "target_probs") if getattr(main, n) is not None)
+            raise MissingContextError(
+                f"strategy.losses: no term applies to this step (the batch has: "
+                f"{', '.join(have + ['student outputs'])}, teacher targets: "
+                f"{'yes' if main.teacher or paired is not None else 'none'}); add a term "
+                'it can compute, e.g. { name = "ce" } for private training'
+            )
+        self.terms = terms
+        return total
+
+    def state(self) -> dict[str, Tensor]:
+        """The learnable parts' weights, to keep with the client's state between rounds."""
+        return {k: v.detach().cpu().clone() for k, v in self.weighted.state_dict().items()}
+
+
+def student_outputs(model: nn.Module, x: Tensor, step: StepLoss) -> dict[str, Tensor]:
+    """The student's outputs on ``x``: its logits, or all its named features when the step
+    reads more (:func:`fedkd.models.features`, one forward pass)."""
+    if step.wants_features:
+        from fedkd.models import features
+
+        return features(model, x)
+    return {"logits": model(x)}
