@@ -89,7 +89,7 @@ def test_summary_keeps_the_baselines_and_reads_them_back():
     data, _ = prepare_federated_data(cfg)
     records = run_centralised(cfg, data)
     summary = summarize(
-        cfg, records, [], _profiles(cfg, data), {"rounds_s": 1.0},
+        cfg, records, [], _profiles(cfg, data, uses_teacher=False), {"rounds_s": 1.0},
         outcome_of(cfg, records, [], None, False, None),
         test_size=len(data.test_y), uses_teacher=False, baselines={"centralised": records},
     )  # fmt: skip
