@@ -228,6 +228,8 @@ class ClientRuntime:
         payload = check_payload(strategy, "predict", strategy.predict(node, public_idx))
         payload = self._release(node, payload, metrics)
         metrics.update(self._evaluate(node))
+        extra = check_metrics(strategy, "evaluate", strategy.evaluate(node))
+        metrics.update({f"eval_{k}": v for k, v in extra.items()})
         metrics["num_examples"] = float(node.num_examples)
         metrics["seconds"] = time.perf_counter() - start
         self.store.save(cid, rnd, dump_state(node))

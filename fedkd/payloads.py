@@ -109,6 +109,47 @@ class Logits(Payload):
         return Logits(idx.copy(), values.astype(np.float32))
 
 
+@PAYLOADS.register("embedded_logits")
+@dataclass(frozen=True)
+class EmbeddedLogits(Logits):
+    """:class:`Logits` with the model's embedding of each sample (the input of its final
+    linear layer, ``fedkd.models.features(...)["embedding"]``): what a teacher sends when
+    the clients' losses read ``teacher.embedding`` (FitNets hints, RKD, CRD)."""
+
+    embedding: np.ndarray
+    kind: ClassVar[str] = "embedded_logits"
+
+    def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
+        super().validate(num_classes=num_classes, public_idx=public_idx)
+        if self.embedding.ndim != 2 or len(self.embedding) != len(self.idx):
+            raise PayloadError(
+                f"embedding has shape {self.embedding.shape}, expected ({len(self.idx)}, D)"
+            )
+        _check_finite("embedding", self.embedding)
+
+
+@PAYLOADS.register("prototypes")
+@dataclass(frozen=True)
+class Prototypes(Payload):
+    """Per-class mean embeddings (row c: the mean embedding of samples labelled c), as in
+    FedProto (Tan et al. 2022). ``counts[c]``: how many samples (from a client) or
+    clients (from the server) row c averages; a row with count 0 carries nothing."""
+
+    means: np.ndarray  # (classes, D)
+    counts: np.ndarray  # (classes,)
+    kind: ClassVar[str] = "prototypes"
+
+    def validate(self, *, num_classes: int, public_idx: np.ndarray | None = None) -> None:
+        if self.means.ndim != 2 or len(self.means) != num_classes:
+            raise PayloadError(f"means have shape {self.means.shape}, expected ({num_classes}, D)")
+        if self.counts.shape != (num_classes,):
+            raise PayloadError(f"counts have shape {self.counts.shape}, expected ({num_classes},)")
+        _check_finite("means", self.means)
+        _check_finite("counts", self.counts.astype(np.float64))
+        if (self.counts < 0).any():
+            raise PayloadError("counts must be >= 0")
+
+
 @PAYLOADS.register("soft_labels")
 @dataclass(frozen=True)
 class SoftLabels(Payload):

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from abc import ABC, abstractmethod
@@ -52,7 +53,15 @@ from fedkd.data.transforms import Augment
 from fedkd.kd.step import RoutedLoss, StepLoss
 from fedkd.losses import make_kd_loss
 from fedkd.models import build_model
-from fedkd.payloads import ClassLogits, Logits, Payload, PayloadError, SoftLabels, Weights
+from fedkd.payloads import (
+    ClassLogits,
+    EmbeddedLogits,
+    Logits,
+    Payload,
+    PayloadError,
+    SoftLabels,
+    Weights,
+)
 from fedkd.privacy import guard
 from fedkd.privacy.accounting import PrivacyError, PrivacyLedger
 from fedkd.privacy.dpsgd import HISTORY_KEY
@@ -124,7 +133,12 @@ def public_kd_targets(
     idx = torch.as_tensor(targets.idx, dtype=torch.long, device=public_x.device)
     values_t = torch.as_tensor(values, dtype=torch.float32, device=public_x.device)
     kd_loss = make_kd_loss(loss or default, temperature)
-    return KDTargets(public_x[idx], values_t, kd_loss, probs=isinstance(targets, SoftLabels))
+    features = None
+    if isinstance(targets, EmbeddedLogits):
+        emb = torch.as_tensor(targets.embedding, dtype=torch.float32, device=public_x.device)
+        features = {"embedding": emb}
+    probs = isinstance(targets, SoftLabels)
+    return KDTargets(public_x[idx], values_t, kd_loss, probs=probs, features=features)
 
 
 def softmax_rows(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -569,10 +583,30 @@ class ServerNode:
         """``server.optimizer`` at ``server.lr`` for ``model``."""
         return make_optimizer(self.settings.optimizer, model, self.settings.lr)
 
-    def logits(self, model: nn.Module, idx: np.ndarray) -> Logits:
-        """``model``'s logits on public samples ``idx``."""
+    def logits(self, model: nn.Module, idx: np.ndarray, embedding: bool = False) -> Logits:
+        """``model``'s logits on public samples ``idx`` (with ``embedding``, also its
+        embedding of each: an :class:`EmbeddedLogits`)."""
         x = self.public_x[torch.as_tensor(idx, dtype=torch.long, device=self.device)]
-        return Logits(np.asarray(idx), predict_logits(model, x).cpu().numpy())
+        if not embedding:
+            return Logits(np.asarray(idx), predict_logits(model, x).cpu().numpy())
+        from fedkd.models import features
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = [features(model, chunk) for chunk in x.split(1024)]
+        finally:
+            model.train(was_training)
+        cat = lambda k: torch.cat([o[k] for o in out]).float().cpu().numpy()  # noqa: E731
+        return EmbeddedLogits(np.asarray(idx), cat("logits"), cat("embedding"))
+
+    @functools.cached_property
+    def clients_read(self) -> frozenset[str]:
+        """The teacher features the clients' configured losses read (``strategy.losses``:
+        e.g. ``{"logits", "embedding"}``); targets built with :meth:`teacher_logits`
+        carry the embedding when some client reads it."""
+        return teacher_reads(self.config)
 
     def soft_labels(
         self, model: nn.Module, idx: np.ndarray, temperature: float = 1.0
@@ -663,9 +697,11 @@ class ServerNode:
         )
 
     def teacher_logits(self, idx: np.ndarray) -> Logits:
+        """The teacher's logits on public samples ``idx``, with its embeddings where the
+        clients' losses read ``teacher.embedding`` (:meth:`clients_read`)."""
         if self.teacher is None:
             raise RuntimeError("this strategy declared uses_teacher = False")
-        return self.logits(self.teacher, idx)
+        return self.logits(self.teacher, idx, embedding="embedding" in self.clients_read)
 
     def evaluate(self, model: nn.Module) -> Metrics:
         """Accuracy and loss of ``model`` on the global test set."""
@@ -693,6 +729,13 @@ class ClientStrategy(ABC):
     @abstractmethod
     def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload | None:
         """What to send the server (None: nothing). Must not change the student."""
+
+    def evaluate(self, node: ClientNode) -> Metrics:
+        """Extra metrics of this client after the round (e.g. accuracy by nearest
+        prototype), recorded per client and round as ``eval_<name>`` beside the
+        runtime's own test accuracy. Finite numbers only. Must not change the student
+        and must not read sealed private data. Default: none."""
+        return {}
 
 
 class ServerStrategy(ABC):
@@ -730,6 +773,12 @@ class ServerStrategy(ABC):
     def check_config(cls, config: Config) -> None:
         """Reject configurations this algorithm cannot run (raise :class:`ConfigError`
         naming the field). Runs before any data is built or Ray starts."""
+
+    def target_features(self) -> frozenset[str]:
+        """The teacher features this strategy's targets can carry, which the clients'
+        configured losses (``strategy.losses``) may read as ``teacher.<feature>``.
+        Default: ``{"logits"}`` (payloads of logits or soft labels)."""
+        return frozenset({"logits"})
 
     def aggregates_by_mean(self) -> bool:
         """True if :meth:`aggregate` only post-processes the plain (unweighted) mean of
@@ -806,7 +855,44 @@ def server_strategy(config: Config) -> ServerStrategy:
     cls = SERVER_STRATEGIES.get(config.strategy.name)
     strategy = cls(make_params(cls.Params, config.strategy.params, "strategy"))
     cls.check_config(config)
+    _check_teacher_reads(config, strategy)
     return strategy
+
+
+def _loss_needs(config: Config) -> dict[str, frozenset[str]]:
+    """Every configured loss list's needs, by its config path."""
+    from fedkd.kd import build_loss
+
+    out: dict[str, frozenset[str]] = {}
+    for cid in range(config.clients.count):
+        configured = client_losses(config, cid)
+        if configured is not None and configured[1] not in out:
+            out[configured[1]] = build_loss(*configured).needs
+    return out
+
+
+def teacher_reads(config: Config) -> frozenset[str]:
+    """The ``teacher.<feature>`` keys any client's configured loss reads."""
+    return frozenset(
+        need.split(".", 1)[1]
+        for needs in _loss_needs(config).values()
+        for need in needs
+        if need.startswith("teacher.")
+    )
+
+
+def _check_teacher_reads(config: Config, strategy: ServerStrategy) -> None:
+    """Refuse, before the run, a configured loss that reads a teacher feature the
+    strategy's targets never carry (it would fail in round 2)."""
+    offered = strategy.target_features()
+    for path, needs in _loss_needs(config).items():
+        for need in sorted(needs):
+            if need.startswith("teacher.") and need.split(".", 1)[1] not in offered:
+                raise ConfigError(
+                    path,
+                    f"a loss reads {need}, which {config.strategy.name}'s targets do not "
+                    f"carry (they carry: {', '.join(sorted(offered))})",
+                )
 
 
 def client_strategy(config: Config, cid: int) -> ClientStrategy:

@@ -205,15 +205,17 @@ def _update(
     recipe: Recipe,
     step: StepLoss,
 ) -> None:
-    """One optimizer step on ``loss``; learnable parts of ``step`` (adapters) sized on this
-    step join the optimizer first."""
-    fresh = step.new_parameters()
-    if fresh:
-        optimizer.add_param_group({"params": fresh})
+    """One optimizer step on ``loss``, for the student and for the learnable parts of
+    ``step`` (adapters: their own optimizer, :meth:`StepLoss.optimizer_like`)."""
+    own = step.optimizer_like(optimizer)
     optimizer.zero_grad(set_to_none=True)
+    if own is not None:
+        own.zero_grad(set_to_none=True)
     loss.backward()
     recipe.clip(model)
     optimizer.step()
+    if own is not None:
+        own.step()
 
 
 def _step_metrics(totals: dict[str, float], steps: int, lr: float | None) -> dict[str, float]:

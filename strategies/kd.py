@@ -70,6 +70,12 @@ class KDServer(ServerStrategy):
     def aggregates_by_mean(self) -> bool:
         return not self.params.weighted
 
+    def target_features(self) -> frozenset[str]:
+        """The teacher model's targets can carry its embeddings (for hint / RKD losses)."""
+        if self.params.targets == "ensemble":
+            return frozenset({"logits"})
+        return frozenset({"logits", "embedding"})
+
     def aggregate(self, server: ServerNode, payloads: dict[int, Payload]) -> Payload:
         logits = {cid: p for cid, p in payloads.items() if isinstance(p, Logits)}
         weights = None

@@ -134,7 +134,7 @@ SHAPES = (  # (main, paired) contexts with the shapes of the adapter test's feat
 )
 
 
-def test_learnable_adapters_join_the_optimizer_train_and_restore():
+def test_learnable_adapters_train_beside_the_student_and_restore():
     """A FitNets hint towards teacher embeddings carried with the targets: the adapter is
     sized on the first step, trained with the student, and restored from saved state."""
     kd = _public()
@@ -224,3 +224,36 @@ def test_a_run_with_configured_losses_completes_and_keeps_the_adapters(small_con
     assert last and all(np.isfinite(r.metrics["train_dkd"]) for r in last.values())
     assert all("train_dkd" not in r.metrics for r in first.values())  # no targets in round 1
     assert all(r.metrics["train_ce"] > 0 for r in first.values())
+
+
+def test_a_loss_reading_a_teacher_feature_the_strategy_never_sends_is_refused_up_front():
+    cfg = load_config(None, ["strategy.name=fedmd", 'strategy.losses=[{name="ce"}, {name="rkd"}]'])
+    with pytest.raises(ConfigError, match="reads teacher.embedding, which fedmd's targets") as e:
+        server_strategy(cfg)
+    assert e.value.field == "strategy.losses"
+
+
+def test_feature_hints_from_the_kd_teacher_run_from_a_config(small_config):
+    """FitNets-style hints as configured losses: the kd server sends its teacher's
+    embeddings with its logits (EmbeddedLogits) because a client loss reads them; each
+    client's adapter maps its own embedding width to the teacher's and is kept between
+    rounds."""
+    from fedkd.data import prepare_federated_data
+    from fedkd.inline import InlineTransport
+    from fedkd.rounds import Federation
+
+    losses = (
+        '[{name="ce", weight=0.5}, {name="soft_kl", weight=0.5, temperature=3.0}, '
+        '{name="hint", weight=0.1}]'
+    )
+    cfg = load_config(
+        small_config, ["strategy.name=kd", f"strategy.losses={losses}", "rounds=3",
+                       "privacy.audit=false"],
+    )  # fmt: skip
+    data, path = prepare_federated_data(cfg)
+    records = Federation(cfg, data).run(InlineTransport(cfg, str(path)))
+    assert len(records) == 3
+    for rec in records[1:]:  # targets (with the teacher's embeddings) from round 2 on
+        assert all(np.isfinite(r.metrics["train_hint"]) for r in rec.clients.values())
+    down = [sum(r.bytes_down for r in rec.clients.values()) for rec in records]
+    assert down[0] == 0 and down[1] > 0

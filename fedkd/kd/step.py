@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from fedkd.kd.compose import WeightedLoss, build_loss
@@ -46,8 +47,9 @@ class StepLoss(nn.Module):
     ``"student.stage*"`` make the runtime compute :func:`fedkd.models.features`; logits
     are always there) and implement :meth:`forward`. ``terms`` holds the last step's
     named values for the round's metrics (floats). Parameters of the module (adapters)
-    are trained with the student: the runtime adds those :meth:`new_parameters` returns
-    to the optimizer.
+    are trained with the student by an optimizer of the student's kind and settings
+    (:meth:`optimizer_like`), at the student's current rate; its moments start afresh
+    each round (the adapters' weights are kept, see :class:`RoutedLoss`).
     """
 
     needs: frozenset[str] = frozenset({"student.logits"})
@@ -55,16 +57,22 @@ class StepLoss(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.terms: dict[str, float] = {}
-        self._given: set[int] = set()
+        self._optimizer: torch.optim.Optimizer | None = None
 
     def forward(self, main: Batch, paired: Batch | None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def new_parameters(self) -> list[nn.Parameter]:
-        """Parameters not yet handed to the optimizer (each is returned once)."""
-        fresh = [p for p in self.parameters() if id(p) not in self._given]
-        self._given.update(id(p) for p in fresh)
-        return fresh
+    def optimizer_like(self, student: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+        """The optimizer of this step's own parameters (None: it has none yet), of the
+        student optimizer's class and settings, following its learning rate."""
+        params = list(self.parameters())
+        if not params:
+            return None
+        if self._optimizer is None or len(self._optimizer.param_groups[0]["params"]) != len(params):
+            self._optimizer = type(student)(params, **student.defaults)
+        for group in self._optimizer.param_groups:
+            group["lr"] = student.param_groups[0]["lr"]
+        return self._optimizer
 
     @property
     def wants_features(self) -> bool:
@@ -76,8 +84,9 @@ class RoutedLoss(StepLoss):
     """A :class:`~fedkd.kd.WeightedLoss` whose terms are each computed on the first
     context that has what they read (``main``, then ``paired``).
 
-    Learnable parts are sized on the first step from that step's feature shapes (seeded
-    by ``seed``), then loaded from ``state`` if given (the client's saved adapters).
+    Learnable parts are sized on the first step with teacher outputs, from that step's
+    feature shapes (seeded by ``seed``), then loaded from ``state`` if given (the
+    client's saved adapters); until then their terms cannot apply and are skipped.
     """
 
     def __init__(
@@ -119,7 +128,8 @@ class RoutedLoss(StepLoss):
         return None  # e.g. ce on unlabelled public data; teacher terms before any target
 
     def forward(self, main: Batch, paired: Batch | None) -> Tensor:
-        if self.weighted.needs_setup:
+        has_teacher = any(b is not None and b.teacher for b in (main, paired))
+        if self.weighted.needs_setup and has_teacher:  # before targets, adapters wait
             self._setup(main, paired)
         total: Tensor | None = None
         terms: dict[str, float] = {}
