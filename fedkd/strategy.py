@@ -493,10 +493,11 @@ class ClientNode:
             "privacy.mechanism = 'client_gaussian' for this strategy"
         )
 
-    def class_means(self, softmax: bool = True) -> ClassMeans:
+    def class_means(self, softmax: bool = True, key: str = "logits") -> ClassMeans:
         """An empty per-class accumulator for :meth:`train_private` (``class_means=``):
-        FD's per-label averages of the outputs produced during local training."""
-        return ClassMeans.zeros(self.num_classes, softmax)
+        FD's per-label averages of the outputs produced during local training, or, with
+        ``key = "embedding"`` (and a step loss), FedProto's class prototypes."""
+        return ClassMeans.zeros(self.num_classes, softmax, key)
 
     def class_mean_logits(self, softmax: bool = False) -> ClassLogits:
         """Mean logit vector (or, with ``softmax``, mean probability vector) of this

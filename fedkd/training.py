@@ -82,36 +82,42 @@ class ClassMeans:
     """Per-class running sums of a model's outputs on the samples it trains on.
 
     FD (Jeong et al. 2018, Algorithm 1) averages, per label, the logit vectors the model
-    produces *during* local training; :func:`train_supervised` adds every batch's
-    (detached, training-mode) outputs here when given one. ``softmax`` adds probability
-    vectors instead of raw logits (FD's "logit vector normalized by the softmax").
+    produces *during* local training; the training loops add every batch's (detached,
+    training-mode) outputs here when given one. ``softmax`` adds probability vectors
+    instead of raw logits (FD's "logit vector normalized by the softmax"); ``key`` picks
+    another feature than the logits (``"embedding"``: FedProto's class prototypes; only
+    with a step loss, :func:`train_steps`, which computes features).
     """
 
-    sums: torch.Tensor  # (classes, classes) float64
-    counts: torch.Tensor  # (classes,) float64
+    classes: int
     softmax: bool = True
+    key: str = "logits"
+    sums: torch.Tensor | None = None  # (classes, width) float64, sized by the first batch
+    counts: torch.Tensor | None = None  # (classes,) float64
 
     @classmethod
-    def zeros(cls, classes: int, softmax: bool = True) -> ClassMeans:
+    def zeros(cls, classes: int, softmax: bool = True, key: str = "logits") -> ClassMeans:
         """An empty accumulator for ``classes`` labels (on the CPU)."""
-        return cls(
-            torch.zeros(classes, classes, dtype=torch.float64),
-            torch.zeros(classes, dtype=torch.float64),
-            softmax,
-        )
+        return cls(classes, softmax and key == "logits", key)
 
     def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
-        """Add one batch's outputs ``out`` (rows) for labels ``y``."""
-        v = out.detach().double().cpu()
+        """Add one batch's outputs ``out`` (rows, flattened) for labels ``y``."""
+        v = out.detach().double().cpu().flatten(1)
         if self.softmax:
             v = torch.softmax(v, dim=-1)
+        if self.sums is None or self.counts is None:
+            self.sums = torch.zeros(self.classes, v.shape[1], dtype=torch.float64)
+            self.counts = torch.zeros(self.classes, dtype=torch.float64)
         y = y.cpu()
         self.sums.index_add_(0, y, v)
-        self.counts += torch.bincount(y, minlength=len(self.counts)).double()
+        self.counts += torch.bincount(y, minlength=self.classes).double()
 
     def means(self) -> tuple[np.ndarray, np.ndarray]:
         """(per-class mean vectors, sample counts) as float32 arrays; rows of classes
-        never seen are zero with count 0."""
+        never seen are zero with count 0 (no batch at all: zero-width feature means)."""
+        if self.sums is None or self.counts is None:
+            width = self.classes if self.key == "logits" else 0
+            return np.zeros((self.classes, width), np.float32), np.zeros(self.classes, np.float32)
         m = self.sums / self.counts.clamp(min=1).unsqueeze(1)
         return m.float().numpy(), self.counts.float().numpy()
 
@@ -148,6 +154,11 @@ def train_supervised(
     label, as they are computed for the step (FD). ``step`` replaces the loss (not the
     loop): see :func:`train_steps`; ``kd_weight`` is then unused.
     """
+    if class_means is not None and class_means.key != "logits" and step is None:
+        raise ValueError(
+            f"class means of {class_means.key!r} need a step loss that computes features "
+            "(train_private(step=...) or strategy.losses)"
+        )
     if step is not None:
         return train_steps(
             model, optimizer, x, y, step=step, epochs=epochs, batch_size=batch_size,
@@ -167,7 +178,7 @@ def train_supervised(
             )
             with recipe.autocast(x.device):
                 out = model(x[rows] if augment is None else augment(x[rows]))
-                if class_means is not None:
+                if class_means is not None:  # logits only here (features: train_steps)
                     class_means.add(out, y[rows])
                 ce = F.cross_entropy(out, y[rows], label_smoothing=recipe.label_smoothing)
                 loss = ce
@@ -251,6 +262,7 @@ def train_steps(
 
     recipe = recipe or Recipe()
     model.train()
+    wide = class_means is not None and class_means.key != "logits"  # features for the means
     totals: dict[str, float] = {"loss": 0.0}
     counts: dict[str, int] = {}
     steps, lr = 0, None
@@ -262,9 +274,9 @@ def train_steps(
             )
             with recipe.autocast(x.device):
                 inputs = x[rows] if augment is None else augment(x[rows])
-                main = Batch(student_outputs(model, inputs, step), labels=y[rows])
+                main = Batch(student_outputs(model, inputs, step, wide), labels=y[rows])
                 if class_means is not None:
-                    class_means.add(main.student["logits"], y[rows])
+                    class_means.add(main.student[class_means.key], y[rows])
                 paired = None
                 if isinstance(kd, ClassKDTargets):
                     main = Batch(main.student, labels=y[rows], **kd.context(y[rows]))

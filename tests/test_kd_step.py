@@ -257,3 +257,27 @@ def test_feature_hints_from_the_kd_teacher_run_from_a_config(small_config):
         assert all(np.isfinite(r.metrics["train_hint"]) for r in rec.clients.values())
     down = [sum(r.bytes_down for r in rec.clients.values()) for rec in records]
     assert down[0] == 0 and down[1] > 0
+
+
+def test_class_means_of_embeddings_collect_prototypes_during_training():
+    from fedkd.training import ClassMeans
+
+    means = ClassMeans.zeros(C, key="embedding")
+    model = _model()
+    x, y = _data()
+    seen: list[torch.Tensor] = []
+    model[-1].register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    train_supervised(
+        model, make_optimizer("adam", model, 0.01), x, y, epochs=1, batch_size=8,
+        generator=torch.Generator().manual_seed(3), step=RoutedLoss.from_config([{"name": "ce"}]),
+        class_means=means,
+    )  # fmt: skip
+    protos, counts = means.means()
+    assert protos.shape == (C, 100) and counts.tolist() == [14, 13, 13]
+    emb = torch.cat(seen)  # the classifier's inputs, in the order the steps saw them
+    order = torch.cat(list(torch.randperm(len(y), generator=torch.Generator().manual_seed(3))
+                           .split(8)))  # fmt: skip
+    np.testing.assert_allclose(protos[0], emb[y[order] == 0].double().mean(0).numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="need a step loss"):
+        train_supervised(model, make_optimizer("adam", model, 0.01), x, y, epochs=1,
+                         batch_size=8, generator=torch.Generator(), class_means=means)  # fmt: skip

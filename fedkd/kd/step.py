@@ -157,10 +157,12 @@ class RoutedLoss(StepLoss):
         return {k: v.detach().cpu().clone() for k, v in self.weighted.state_dict().items()}
 
 
-def student_outputs(model: nn.Module, x: Tensor, step: StepLoss) -> dict[str, Tensor]:
+def student_outputs(
+    model: nn.Module, x: Tensor, step: StepLoss, features: bool = False
+) -> dict[str, Tensor]:
     """The student's outputs on ``x``: its logits, or all its named features when the step
-    reads more (:func:`fedkd.models.features`, one forward pass)."""
-    if step.wants_features:
+    reads more or ``features`` asks (:func:`fedkd.models.features`, one forward pass)."""
+    if step.wants_features or features:
         from fedkd.models import features
 
         return features(model, x)
