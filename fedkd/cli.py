@@ -150,6 +150,7 @@ LIST_SHAPES = ("40", "1x28x28", "3x32x32")
 def _list(args: argparse.Namespace) -> int:
     from fedkd.aggregators import AGGREGATORS
     from fedkd.data import DATASETS, PARTITIONERS
+    from fedkd.kd import LOSSES
     from fedkd.losses import KD_LOSSES
     from fedkd.models import MODELS
     from fedkd.recipes import SCHEDULES
@@ -173,6 +174,7 @@ def _list(args: argparse.Namespace) -> int:
         ("datasets", DATASETS),
         ("partitioners", PARTITIONERS),
         ("kd losses", KD_LOSSES),
+        ("strategy.losses", LOSSES),
         ("aggregators", AGGREGATORS),
         ("optimizers", OPTIMIZERS),
         ("schedules", SCHEDULES),

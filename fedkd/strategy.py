@@ -103,7 +103,13 @@ def make_params(cls: type, values: dict[str, Any], path: str) -> Any:
     if "losses" in values:
         from fedkd.kd import build_loss
 
-        build_loss(values["losses"], f"{path}.losses")
+        needs = build_loss(values["losses"], f"{path}.losses").needs
+        if "prototypes" in needs:  # no runtime context has them: the term would never run
+            raise ConfigError(
+                f"{path}.losses",
+                "a loss reads prototypes, which only a strategy's own step provides "
+                "(e.g. fedproto's); it cannot be a configured loss",
+            )
     values = {k: v for k, v in values.items() if k not in RUNTIME_PARAMS}
     try:
         return from_dict(cls, values, path)
@@ -331,7 +337,7 @@ class ClientNode:
         Not for the private data while it is sealed (use :meth:`train_private`)."""
         if self.sealed and _shares_memory(x, stored(self, "x")):
             raise PrivacyError(self._sealed_message("the private data (in train_on)"))
-        step = step or self.losses
+        step = self._step(step)
         return self._kept(
             step,
             train_supervised(
@@ -350,6 +356,17 @@ class ClientNode:
                 step=step,
             ),
         )
+
+    def _step(self, step: StepLoss | None) -> StepLoss | None:
+        """The step loss to train with: the strategy's own, else the configured one; both
+        at once is refused (the configured list would be silently ignored)."""
+        if step is not None and self.losses is not None and step is not self.losses:
+            raise ConfigError(
+                "strategy.losses",
+                f"{self._who()} trains with its own step loss ({type(step).__name__}), so a "
+                "configured loss list would be ignored; remove strategy.losses for it",
+            )
+        return step or self.losses
 
     def _kept(self, step: StepLoss | None, metrics: Metrics) -> Metrics:
         """Keep the configured loss's learnable parts (adapters) with the client's state."""
@@ -460,7 +477,7 @@ class ClientNode:
         """Epochs of pure distillation towards ``targets`` on the public inputs
         (augmented by the run's train-time augmentation if ``augment``); ``step`` (or the
         configured ``strategy.losses``) computes each step's loss instead of ``loss``."""
-        step = step or self.losses
+        step = self._step(step)
         return self._kept(
             step,
             distill(
@@ -489,8 +506,8 @@ class ClientNode:
         assert self.privacy is not None
         return (
             f"{self._who()}: per-class means are computed from private data outside "
-            f"DP-SGD, which privacy.mechanism = {self.privacy.mechanism!r} forbids; use "
-            "privacy.mechanism = 'client_gaussian' for this strategy"
+            f"DP-SGD, which privacy.mechanism = {self.privacy.mechanism!r} forbids (FD's "
+            "per-class means may use privacy.mechanism = 'client_gaussian' instead)"
         )
 
     def class_means(self, softmax: bool = True, key: str = "logits") -> ClassMeans:

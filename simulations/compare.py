@@ -27,7 +27,9 @@ from pathlib import Path
 
 import fedkd
 
-ALGORITHMS = ["local", "fedavg", "fedmd", "feddf", "dsfl", "fd", "cfd", "cronus", "kd"]
+ALGORITHMS = [
+    "local", "fedavg", "fedmd", "feddf", "dsfl", "fd", "cfd", "cronus", "kd", "dml", "fedproto",
+]  # fmt: skip
 
 
 def _config(name: str) -> str:

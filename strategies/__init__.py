@@ -7,11 +7,13 @@ exactly as a user's own strategy would. Importing this package registers them.
 from strategies import (  # noqa: F401
     cfd,
     cronus,
+    dml,
     dsfl,
     fd,
     fedavg,
     feddf,
     fedmd,
+    fedproto,
     kd,
     local,
     pate,

@@ -23,7 +23,7 @@ from tests.conftest import SMALL
 # about 30 s each on 2 cores: CI runs them (`pytest -m slow`), the default command does not
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
 
-ALGORITHMS = ["local", "fedavg", "fedmd", "feddf", "dsfl", "fd", "cfd", "cronus"]
+ALGORITHMS = ["local", "fedavg", "fedmd", "feddf", "dsfl", "fd", "cfd", "cronus", "dml", "fedproto"]
 
 # What "no distillation" means for each algorithm: the overrides that switch its
 # distillation step off (the clients' KD term or digest; for FedDF the server's ensemble
@@ -32,6 +32,8 @@ ALGORITHMS = ["local", "fedavg", "fedmd", "feddf", "dsfl", "fd", "cfd", "cronus"
 # start round 1 from the server's model, not their own initialisation, so it is the one
 # algorithm whose round 1 differs from its control.
 TRANSFER_OFF = {
+    "dml": ["strategy.kd_weight=0"],  # no mutual term
+    "fedproto": ["strategy.ld=0"],  # no prototype term
     "fedavg": ["strategy.name=local"],
     "fedmd": ["strategy.digest_epochs=0"],  # no digest of the consensus
     "feddf": ["server.epochs=0"],  # prototypes are averaged but not distilled

@@ -109,13 +109,13 @@ def test_soft_labels_reach_probability_losses_only():
     _, metrics = _train(routed, _public(probs=True))
     assert metrics["prob_kl"] > 0
     wrong = RoutedLoss.from_config([{"name": "ce"}, {"name": "soft_kl"}])  # reads logits
-    with pytest.raises(MissingContextError, match="soft_kl needs teacher.logits"):
+    with pytest.raises(MissingContextError, match="soft_kl needs .*paired public batch lacks"):
         _train(wrong, _public(probs=True))
 
 
 def test_a_teacher_feature_the_targets_lack_is_an_error_naming_the_loss():
     routed = RoutedLoss.from_config([{"name": "ce"}, {"name": "rkd"}])
-    with pytest.raises(MissingContextError, match="rkd needs teacher.embedding"):
+    with pytest.raises(MissingContextError, match="rkd needs .*teacher.embedding"):
         _train(routed, _public())
 
 
@@ -281,3 +281,28 @@ def test_class_means_of_embeddings_collect_prototypes_during_training():
     with pytest.raises(ValueError, match="need a step loss"):
         train_supervised(model, make_optimizer("adam", model, 0.01), x, y, epochs=1,
                          batch_size=8, generator=torch.Generator(), class_means=means)  # fmt: skip
+
+
+def test_a_term_needing_labels_and_teacher_on_one_batch_says_which_batch_lacks_what():
+    """dkd (target = labels) on public targets: labels are on the private batch, the
+    teacher's logits on the paired public one; the error names both."""
+    routed = RoutedLoss.from_config([{"name": "ce"}, {"name": "dkd"}])
+    with pytest.raises(MissingContextError, match="paired public batch lacks labels"):
+        _train(routed, _public())
+
+
+def test_prototype_losses_cannot_be_configured_only_a_strategy_step_provides_them():
+    cfg = load_config(None, ["strategy.name=kd", 'strategy.losses=[{name="ce"}, {name="proto"}]'])
+    with pytest.raises(ConfigError, match="reads prototypes") as err:
+        server_strategy(cfg)
+    assert err.value.field == "strategy.losses"
+
+
+def test_client_level_dp_refuses_payloads_with_arrays_it_would_not_noise():
+    from fedkd.payloads import EmbeddedLogits, Logits
+    from fedkd.privacy.payload import values_of
+
+    idx = np.arange(3)
+    values_of(Logits(idx, np.zeros((3, C), np.float32)))
+    with pytest.raises(TypeError, match="not embedded_logits"):
+        values_of(EmbeddedLogits(idx, np.zeros((3, C), np.float32), np.ones((3, 4), np.float32)))

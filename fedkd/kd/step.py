@@ -119,11 +119,13 @@ class RoutedLoss(StepLoss):
                 return batch
         with_teacher = [b for b in candidates if b.teacher or b.target_probs is not None]
         if _reads_teacher(loss.needs) and with_teacher:
-            missing = ", ".join(with_teacher[0].missing(loss.needs))
+            names = {id(main): "the batch trained on", id(paired): "the paired public batch"}
+            lacks = "; ".join(
+                f"{names[id(b)]} lacks {', '.join(b.missing(loss.needs))}" for b in candidates
+            )
             raise MissingContextError(
-                f"strategy.losses: {loss.name} needs {missing}, which this step's targets "
-                "do not carry (the payload carries: "
-                f"{', '.join(with_teacher[0].teacher or {'target_probs': None})})"
+                f"strategy.losses: {loss.name} needs {', '.join(sorted(loss.needs))} on one "
+                f"batch, and no batch of this step has them all ({lacks})"
             )
         return None  # e.g. ce on unlabelled public data; teacher terms before any target
 

@@ -33,7 +33,7 @@ FIELDS: dict[type[Payload], str] = {Logits: "values", SoftLabels: "probs", Class
 
 def values_of(payload: Payload) -> np.ndarray:
     for cls, name in FIELDS.items():
-        if isinstance(payload, cls):
+        if type(payload) is cls:  # exactly: a subclass may carry arrays this would not noise
             return np.asarray(getattr(payload, name), dtype=np.float64)
     raise TypeError(
         f"client-level Gaussian DP applies to {', '.join(c.kind for c in FIELDS)} payloads, "
@@ -42,7 +42,7 @@ def values_of(payload: Payload) -> np.ndarray:
 
 
 def with_values(payload: Payload, values: np.ndarray) -> Payload:
-    name = next(n for cls, n in FIELDS.items() if isinstance(payload, cls))
+    name = next(n for cls, n in FIELDS.items() if type(payload) is cls)
     out = replace(payload, **{name: values.astype(np.float32)})
     if isinstance(out, ClassLogits):
         out = replace(out, counts=np.ones_like(out.counts))
