@@ -23,8 +23,7 @@ from fedkd.faults import byzantine_clients, byzantine_payload, flip_labels
 from fedkd.kd.step import RoutedLoss
 from fedkd.models import build_model
 from fedkd.payloads import Payload, PayloadError
-from fedkd.privacy.accounting import accountant_epsilon
-from fedkd.privacy.dpsgd import HISTORY_KEY
+from fedkd.privacy.mechanism import mechanism_of
 from fedkd.privacy.noise import NoiseSource
 from fedkd.seeding import derive_seed, torch_generator
 from fedkd.state_store import DiskStateStore, MemoryStateStore, StateStore
@@ -126,6 +125,7 @@ class ClientRuntime:
             client_strategy(config, cid)
         self.byzantine = frozenset(byzantine_clients(config))
         self.augment = train_augment(config.data)
+        self.mechanism = mechanism_of(config)  # the privacy mechanism, asked, never named
         torch.set_num_threads(config.simulation.threads)
 
     def warm_up(self) -> None:
@@ -151,10 +151,7 @@ class ClientRuntime:
             self.data.num_classes,
             seed=derive_seed(cfg.seed, "student", cid),
         ).to(dev)
-        if cfg.privacy.mechanism == "dpsgd":
-            from fedkd.privacy.dpsgd import make_compatible
-
-            model = make_compatible(model)
+        model = self.mechanism.student(model)  # e.g. layers DP-SGD can train
         optimizer = make_optimizer(cfg.clients.optimizer, model, cfg.clients.lr)
         extra: dict[str, Any] = {}
         if state is not None:
@@ -185,7 +182,7 @@ class ClientRuntime:
             generator=torch_generator(cfg.seed, "client", rnd, cid),
             device=dev,
             state=extra,
-            privacy=cfg.privacy if cfg.privacy.mechanism != "none" else None,
+            privacy=cfg.privacy if self.mechanism.active else None,
             seed=cfg.seed,
             strategy_name=type(strategy).__name__,
             rounds=cfg.rounds,
@@ -241,22 +238,10 @@ class ClientRuntime:
         """What leaves the client: the payload after local DP noise, or, from a Byzantine
         client, its attack on that (an attacker does not clip its own upload)."""
         cfg, cid, rnd = self.config, node.cid, node.round
-        privacy = cfg.privacy
-        history = node.dp_history()
-        if history is not None:  # DP-SGD: this client's accountant, as the runtime kept it
-            node.state[HISTORY_KEY] = history  # saved as kept, whatever the strategy wrote
-            metrics["dp_steps"] = float(sum(h[2] for h in history))
-            metrics["epsilon"] = accountant_epsilon(history, privacy.delta, privacy.accountant)
-        if (
-            payload is not None
-            and privacy.mechanism == "client_gaussian"
-            and privacy.mode == "local"
-        ):
-            from fedkd.privacy.payload import local_release
-
-            noise = NoiseSource(cfg.seed, privacy.secure_noise)
-            sigma = privacy.noise_multiplier
-            payload = local_release(payload, privacy.clip, sigma, noise, rnd, cid)
+        self.mechanism.report(node, metrics)  # e.g. DP-SGD's steps and epsilon
+        if payload is not None:  # e.g. local DP: clipped and noised before upload
+            noise = NoiseSource(cfg.seed, cfg.privacy.secure_noise)
+            payload = self.mechanism.release(payload, noise=noise, rnd=rnd, cid=cid)
         if payload is not None and cid in self.byzantine:
             payload = byzantine_payload(cfg, rnd, cid, payload, self.data.num_classes)
         return payload

@@ -459,7 +459,8 @@ class FaultsConfig:
 class PrivacyConfig:
     """Differential privacy for what clients share or train (see :mod:`fedkd.privacy`)."""
 
-    # none | client_gaussian (client-level, on shared payloads) | dpsgd (record-level, Opacus)
+    # none | client_gaussian (client-level, on shared payloads) | dpsgd (record-level,
+    # Opacus), or your own mechanism by import path ("my_lab.dp:LaplaceUpload")
     mechanism: str = "none"
     mode: str = "central"  # client_gaussian: central (server adds noise) | local (clients do)
     clip: float = 1.0  # client_gaussian: L2 bound C on each client's payload per round
@@ -470,14 +471,24 @@ class PrivacyConfig:
     accountant: str = "rdp"  # rdp | prv (Opacus accountants)
     secure_noise: bool = False  # draw noise from the OS CSPRNG (not reproducible)
     audit: bool = True  # membership-inference audit of each student, every round
+    # a plug-in mechanism's own parameters, checked against its Params dataclass (the
+    # built-ins take none: they read the keys above, the short form)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.mechanism not in ("none", "client_gaussian", "dpsgd"):
+        from fedkd.privacy.mechanism import mechanism_class
+        from fedkd.registry import UnknownNameError
+
+        try:
+            cls = mechanism_class(self.mechanism)
+        except (UnknownNameError, TypeError) as err:
             raise ConfigError(
                 "mechanism",
-                f"must be none, client_gaussian or dpsgd, got {self.mechanism!r} "
-                "(PATE is the 'pate' strategy)",
-            )
+                f"must be none, client_gaussian, dpsgd or an import path "
+                f"'package.module:Mechanism', got {self.mechanism!r} (PATE is the 'pate' "
+                f"strategy): {err}",
+            ) from None
+        cls.parse_params(self.params)
         if self.mode not in ("central", "local"):
             raise ConfigError("mode", f"must be central or local, got {self.mode!r}")
         _positive("clip", self.clip)

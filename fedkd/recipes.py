@@ -226,9 +226,6 @@ def check_recipes(config: Config) -> None:
         settings = getattr(config, side)
         check_optimizer(settings.optimizer, f"{side}.optimizer")
         check_schedule(settings.schedule, f"{side}.schedule")
-    if config.privacy.mechanism == "dpsgd" and config.clients.grad_clip > 0:
-        raise ConfigError(
-            "clients.grad_clip",
-            "under DP-SGD each sample's gradient is clipped to privacy.max_grad_norm; a "
-            "clip of the summed, noised gradient would add nothing; set clients.grad_clip = 0",
-        )
+    from fedkd.privacy.mechanism import mechanism_of
+
+    mechanism_of(config).check_recipes(config)  # e.g. DP-SGD clips per sample itself

@@ -30,8 +30,8 @@ from fedkd.faults import RoundFaults, byzantine_clients, plan_round
 from fedkd.models import build_model
 from fedkd.payloads import Payload, PayloadError
 from fedkd.privacy.accounting import PrivacyLedger
+from fedkd.privacy.mechanism import Mechanism
 from fedkd.privacy.noise import NoiseSource
-from fedkd.privacy.payload import central_mean
 from fedkd.results.records import (
     ClientRecord,
     FailureRecord,
@@ -146,13 +146,17 @@ class Federation:
             augment=train_augment(config.data),
         )
         self.noise = NoiseSource(config.seed, config.privacy.secure_noise)
-        p = config.privacy
-        self.central_noise = p.mechanism == "client_gaussian" and p.mode == "central"
         self.byzantine = frozenset(byzantine_clients(config))
         self.stopped: str | None = None  # why the run ended early (privacy budget)
         self.records: list[RoundRecord] = []
         self.targets: Payload | None = None  # sent with the next round
         self.started = False  # strategy.setup has run (a resumed run does not redo it)
+
+    @property
+    def mechanism(self) -> Mechanism:
+        """The privacy mechanism in force: the ledger's (restored with a checkpoint)."""
+        assert self.server.privacy is not None
+        return self.server.privacy.plugin
 
     @property
     def next_round(self) -> int:
@@ -181,7 +185,7 @@ class Federation:
             return f"strategy {self.config.strategy.name!r} accepts {names}, got {payload.kind}"
         try:
             payload.validate(num_classes=self.data.num_classes, public_idx=public_idx)
-            if not self.central_noise:  # under central DP the strategy sees only the noisy mean
+            if not self.mechanism.hides_payloads:  # e.g. central DP: it sees the noisy mean
                 self.strategy.check_payload(self.server, reply.cid, payload)
         except PayloadError as err:
             return f"invalid {payload.kind} payload: {err}"
@@ -378,13 +382,10 @@ class Federation:
     ) -> dict[str, float]:
         """Aggregate, distill and evaluate on the server; set the next round's targets."""
         cfg, strategy = self.config, self.strategy
-        if payloads and self.central_noise:
-            # the strategy sees one payload: the noisy mean of the clipped payloads
-            p = cfg.privacy
-            noisy = central_mean(
-                payloads, p.clip, p.noise_multiplier, self.noise, rnd, sampled=len(cids)
+        if payloads:  # what the strategy sees (central DP: one noisy mean, keyed -1)
+            payloads = self.mechanism.aggregate(
+                payloads, noise=self.noise, rnd=rnd, sampled=len(cids)
             )
-            payloads = {-1: noisy}
         aggregate = None
         if payloads:
             aggregate = check_payload(strategy, "aggregate", self._hook("aggregate", payloads))

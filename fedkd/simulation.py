@@ -29,6 +29,7 @@ from fedkd.data import FederatedData, prepare_federated_data
 from fedkd.data.federation import check_data_config
 from fedkd.models import build_model, check_model_spec
 from fedkd.privacy.accounting import PrivacyLedger
+from fedkd.privacy.mechanism import mechanism_of
 from fedkd.profiling import profile_model
 from fedkd.recipes import check_recipes
 from fedkd.results import (
@@ -108,42 +109,15 @@ def check_config(config: Config) -> None:
 
 def check_privacy_config(config: Config, strategy: Any) -> None:
     """Mechanism and strategy must fit together; raises ConfigError naming the field."""
-    from fedkd.privacy.payload import FIELDS
-
-    p = config.privacy
-    if p.mechanism == "none":
+    mechanism = mechanism_of(config)
+    if not mechanism.active:
         return
-    if getattr(strategy, "own_privacy", False):
+    if strategy.own_mechanism is not None:
         raise ConfigError(
             "privacy.mechanism",
             f"strategy {config.strategy.name!r} is its own DP mechanism; set mechanism = none",
         )
-    if p.mechanism == "client_gaussian":
-        bad = [t for t in strategy.accepts if not issubclass(t, tuple(FIELDS))]
-        if bad:
-            kinds = ", ".join(getattr(t, "kind", t.__name__) for t in bad)
-            raise ConfigError(
-                "privacy.mechanism",
-                f"client_gaussian clips and noises logits, soft labels or class logits; "
-                f"strategy {config.strategy.name!r} exchanges {kinds}",
-            )
-        if p.mode == "central" and not strategy.aggregates_by_mean():
-            raise ConfigError(
-                "privacy.mode",
-                f"central noise is calibrated to a plain mean, and strategy "
-                f"{config.strategy.name!r} does not aggregate by one; use mode = 'local'",
-            )
-        if p.mode == "central" and config.server.aggregator.name != "mean":
-            raise ConfigError(
-                "server.aggregator",
-                f"{config.server.aggregator.name!r} cannot apply under central noise: the "
-                "server releases one noisy mean of the clipped payloads; use mode = 'local' "
-                "or aggregator = 'mean'",
-            )
-    if p.mechanism == "dpsgd" and p.secure_noise:
-        from fedkd.privacy.dpsgd import check_secure_mode
-
-        check_secure_mode()
+    mechanism.check_config(config, strategy)
 
 
 def _say(quiet: bool, text: str) -> None:
@@ -175,10 +149,7 @@ def _prepare(cfg: Config) -> tuple[FederatedData, Path]:
     PrivacyLedger(cfg, data.part_sizes).check_start(sample_clients(cfg, 1))
     from fedkd.privacy.guard import preflight
 
-    if cfg.privacy.mechanism == "dpsgd":
-        from fedkd.privacy.dpsgd import check_models
-
-        check_models(cfg, data.input_shape, data.num_classes)
+    mechanism_of(cfg).check_data(cfg, data)  # e.g. students DP-SGD cannot train
     preflight(cfg, data)  # no client strategy may train in the clear under DP-SGD
     return data, data_path
 
@@ -326,7 +297,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = 
     cfg = load_config(out.path / "config.toml")
     data, data_path = _prepare(cfg)
     federation = Federation(cfg, data)
-    if cfg.privacy.secure_noise and cfg.privacy.mechanism != "none":
+    if cfg.privacy.secure_noise and mechanism_of(cfg).active:
         raise ConfigError(
             "privacy.secure_noise",
             "a resumed run re-runs the round that was cut short, with fresh OS noise, so that "

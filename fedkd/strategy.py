@@ -295,8 +295,9 @@ class ClientNode:
 
     @property
     def dpsgd(self) -> bool:
-        """Whether private training runs through Opacus DP-SGD (record-level DP)."""
-        return self.privacy is not None and self.privacy.mechanism == "dpsgd"
+        """Whether private training runs through a training-time privacy mechanism (e.g.
+        Opacus DP-SGD, record-level DP): :meth:`train_private` is then the only path."""
+        return self.sealed
 
     def kd_targets(
         self, targets: Logits | SoftLabels, temperature: float, loss: str | None = None
@@ -460,9 +461,9 @@ class ClientNode:
         return out
 
     def _dp_sgd(self, epochs: int) -> Metrics:
-        from fedkd.privacy.dpsgd import dp_train
+        from fedkd.privacy.mechanism import make_mechanism
 
-        return dp_train(self, epochs=epochs)
+        return make_mechanism(self.privacy).train(self, epochs=epochs)
 
     def distill_public(
         self,
@@ -779,7 +780,9 @@ class ServerStrategy(ABC):
     uses_teacher: ClassVar[bool] = True
     accepts: ClassVar[tuple[type[Payload], ...]] = (Payload,)
     clients_use_public: ClassVar[bool] = True
-    own_privacy: ClassVar[bool] = False  # the strategy is itself a DP mechanism (PATE)
+    # where the strategy is itself a DP mechanism, the stage it acts on (PATE: "votes"),
+    # charging ServerNode.privacy itself; privacy.mechanism must then be "none"
+    own_mechanism: ClassVar[str | None] = None
     # the strategy combines logits / soft labels with ServerNode.combine, so a robust
     # server.aggregator applies to it (other aggregators than "mean" are refused otherwise)
     uses_aggregator: ClassVar[bool] = False
@@ -800,8 +803,8 @@ class ServerStrategy(ABC):
 
     def aggregates_by_mean(self) -> bool:
         """True if :meth:`aggregate` only post-processes the plain (unweighted) mean of
-        the payloads: central client-level DP then hands it one payload, the noisy mean
-        (keyed -1). Default: False."""
+        the payloads: a mechanism acting on the aggregate (central client-level DP) may
+        then hand it one payload, the noisy mean (keyed -1). Default: False."""
         return False
 
     def setup(self, server: ServerNode) -> None:  # noqa: B027 - optional hook

@@ -58,6 +58,7 @@ from fedkd.kd import Batch, CrossEntropy, PrototypeMatching
 from fedkd.kd.step import StepLoss
 from fedkd.models import FeatureError, build_model, embedding_dim, features
 from fedkd.payloads import Payload, PayloadError, Prototypes
+from fedkd.privacy import mechanism_of
 from fedkd.strategy import (
     CLIENT_STRATEGIES,
     SERVER_STRATEGIES,
@@ -282,12 +283,12 @@ class FedProtoServer(ServerStrategy):
     def check_config(cls, config: Config) -> None:
         """Equal embedding widths (where the input shape is known now), no DP-SGD, and no
         ``strategy.losses`` (FedProto trains with its own loss)."""
-        if config.privacy.mechanism == "dpsgd":
+        if mechanism_of(config).seals:
             raise ConfigError(
                 "privacy.mechanism",
-                "fedproto cannot run under 'dpsgd': its prototypes (mean embeddings of "
-                "private samples) and its prototype loss are computed outside DP-SGD; "
-                "use mechanism = 'none'",
+                f"fedproto cannot run under {config.privacy.mechanism!r}: its prototypes "
+                "(mean embeddings of private samples) and its prototype loss are computed "
+                "outside the mechanism's private training (e.g. DP-SGD); use mechanism = 'none'",
             )
         for cid in range(config.clients.count):
             configured = client_losses(config, cid)

@@ -128,7 +128,7 @@ class PATEServer(ServerStrategy):
     Params = PATEParams
     client_strategy = PATEClient
     accepts = (Votes,)
-    own_privacy = True
+    own_mechanism = "votes"  # GNMax on the teachers' votes, charged to server.privacy
 
     @classmethod
     def check_config(cls, config: Config) -> None:

@@ -207,6 +207,7 @@ def test_list_shows_model_sizes_for_an_input_shape(capsys):
         "datasets",
         "partitioners",
         "kd losses",
+        "strategy.losses",
         "aggregators",
         "optimizers",
         "schedules",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import logsumexp
@@ -36,6 +37,9 @@ from scipy.stats import norm
 
 from fedkd.config import Config, ConfigError
 from fedkd.results.records import PrivacyRecord
+
+if TYPE_CHECKING:
+    from fedkd.privacy.mechanism import Mechanism
 
 #: RDP orders: Opacus' defaults, extended to large orders, which are optimal for
 #: weak mechanisms (noise / sensitivity above ~20, e.g. PATE's GNMax)
@@ -231,7 +235,10 @@ class PrivacyLedger:
     """What each client has spent so far, the projection for the next round, the budget.
 
     The round loop calls :meth:`stop_reason` before a round, :meth:`charge` after it
-    and :meth:`record` for the round's results. Strategies with their own mechanism
+    and :meth:`record` for the round's results; what a round spends, and each client's
+    epsilon, come from the configured mechanism (:attr:`plugin`,
+    :class:`~fedkd.privacy.mechanism.Mechanism`), which keeps its state here
+    (``per_client``, ``dp_steps``) or on itself. Strategies with their own mechanism
     (PATE) call :meth:`add_rdp` (optionally with a data-dependent curve, reported beside
     the bound and never enforced) and declare their per-round worst case, and the rounds
     in which they spend, with :meth:`expect_rdp_per_round`.
@@ -241,7 +248,7 @@ class PrivacyLedger:
         self.config = config
         self.p = config.privacy
         self.sizes = sizes or {}
-        self.mechanism = self.p.mechanism
+        self.mechanism = self.p.mechanism  # its name, as configured
         self.per_client: dict[int, History] = {}
         self.rdp = np.zeros(len(ORDERS))
         self.rdp_round: np.ndarray | None = None
@@ -254,17 +261,25 @@ class PrivacyLedger:
     # --- what the mechanisms are --------------------------------------------------------
 
     @property
+    def plugin(self) -> Mechanism:
+        """The configured mechanism, whose hooks say what a round spends; built on first
+        use (and kept, so it is saved with the checkpoints, with any state of its own)."""
+        mechanism = self.__dict__.get("_plugin")
+        if mechanism is None:
+            from fedkd.privacy.mechanism import make_mechanism
+
+            mechanism = self.__dict__["_plugin"] = make_mechanism(self.p)
+        return mechanism
+
+    @property
     def active(self) -> bool:
-        return self.mechanism != "none" or self.rdp_round is not None
+        return self.plugin.active or self.rdp_round is not None
 
     @property
     def unit(self) -> str:
         if self.rdp_round is not None:
             return "client-level (PATE: one client is one teacher; covers each of its records)"
-        return {
-            "client_gaussian": f"client-level ({self.p.mode} Gaussian on shared payloads)",
-            "dpsgd": "record-level (DP-SGD on each client's local training)",
-        }.get(self.mechanism, "none")
+        return self.plugin.unit if self.plugin.active else "none"
 
     def expect_rdp_per_round(self, rdp: np.ndarray, rounds: Collection[int] | None = None) -> None:
         """Declare a strategy's own mechanism and its worst-case RDP per round, spent only
@@ -312,15 +327,7 @@ class PrivacyLedger:
         return dpsgd_steps_per_round(self.sizes.get(cid, 1), c.batch_size, c.local_epochs)
 
     def _history(self, cid: int, extra_round: bool) -> History:
-        sigma = self.p.noise_multiplier
-        if self.mechanism == "dpsgd":
-            q, per_round = self._dpsgd_round(cid)
-            per_round = max(per_round, self.dp_last.get(cid, 0))  # e.g. a warm-up round
-            steps = self.dp_steps.get(cid, 0) + (per_round if extra_round else 0)
-            return [(sigma, q, steps)]
-        if self.mechanism == "client_gaussian":  # one Gaussian release per participation
-            return [*self.per_client.get(cid, []), *([(sigma, 1.0, 1)] if extra_round else [])]
-        return []
+        return self.plugin.history(self, cid, extra_round)
 
     def epsilons(
         self, next_cids: list[int] | None = None, rnd: int | None = None
@@ -328,13 +335,13 @@ class PrivacyLedger:
         """Epsilon of every client now, or after one more round (round ``rnd``, None: any
         round, i.e. the worst case) with ``next_cids``."""
         extra = set(next_cids or [])
-        delta, acc = self.p.delta, self.p.accountant
+        delta = self.p.delta
         if self.rdp_round is not None:
             rdp = self.rdp + (self.forecast(rnd) if next_cids is not None else 0)
             eps = rdp_epsilon(rdp, delta)
             return {cid: eps for cid in range(self.config.clients.count)}
         return {
-            cid: accountant_epsilon(self._history(cid, cid in extra), delta, acc)
+            cid: self.plugin.epsilon(self, cid, cid in extra)
             for cid in range(self.config.clients.count)
         }
 
@@ -370,17 +377,7 @@ class PrivacyLedger:
     def charge(self, cids: list[int], metrics: dict[int, dict[str, float]]) -> None:
         """Account for a finished round: ``cids`` were sampled; ``metrics`` holds every
         client that replied (including replies whose payload was then rejected)."""
-        if self.mechanism == "client_gaussian":
-            # central: every sampled client is in the release (a missing payload counts as
-            # a zero vector); local: every client that uploaded released its noisy payload
-            charged = cids if self.p.mode == "central" else list(metrics)
-            for cid in charged:
-                self.per_client[cid] = merge(self._history(cid, True))
-        elif self.mechanism == "dpsgd":
-            for cid, m in metrics.items():
-                if "dp_steps" in m:
-                    self.dp_last[cid] = int(m["dp_steps"]) - self.dp_steps.get(cid, 0)
-                    self.dp_steps[cid] = int(m["dp_steps"])
+        self.plugin.charge(self, cids, metrics)
 
     def record(self) -> PrivacyRecord | None:
         """The round record's ``privacy`` entry (None when no mechanism is active)."""
@@ -391,7 +388,9 @@ class PrivacyLedger:
             mechanism="pate" if self.rdp_round is not None else self.mechanism,
             unit=self.unit,
             delta=self.p.delta,
-            accountant="rdp" if self.rdp_round is not None else self.p.accountant,
+            accountant="rdp"
+            if self.rdp_round is not None
+            else self.plugin.accountant or self.p.accountant,
             epsilon=max(eps.values()) if eps else 0.0,
             noise="secure" if self.p.secure_noise else "seeded (epsilon assumes a secret seed)",
             clients=dict(eps),

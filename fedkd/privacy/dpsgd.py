@@ -193,7 +193,7 @@ def _dp_steps(node: ClientNode, epochs: int) -> dict[str, Any]:
                     total += loss.item()
                     steps += 1
     finally:
-        model._close()  # remove Opacus' hooks: node.model is a plain module again
+        model.cleanup()  # remove Opacus' hooks: node.model is a plain module again
         for p in node.model.parameters():
             p.grad_sample = None
             p.grad = None

@@ -39,25 +39,32 @@ if TYPE_CHECKING:
     from fedkd.data import FederatedData
     from fedkd.strategy import ClientNode, ClientStrategy
 
-# mechanisms that act while a client trains, and what a strategy uses instead of the data
-TRAINING_TIME: dict[str, str] = {"dpsgd": "node.train_private(...), which runs DP-SGD"}
-
 PRIVATE = frozenset({"x", "y"})  # the node fields that hold private data
 
 # Per node: its sealed and locked values, held outside the object (keyed by identity).
 _STORE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
+@functools.cache
+def _seals(name: str) -> str | None:
+    """What a strategy trains with under mechanism ``name`` if it seals the private data
+    (a training-time mechanism), else None."""
+    from fedkd.privacy.mechanism import mechanism_class
+
+    cls = mechanism_class(name)  # a training-time mechanism says so on its class
+    return (cls.trains_with or "node.train_private(...)") if cls.acts_on == "training" else None
+
+
 def sealed(privacy: PrivacyConfig | None) -> bool:
     """Whether ``privacy`` seals clients' private data (a training-time mechanism)."""
-    return privacy is not None and privacy.mechanism in TRAINING_TIME
+    return privacy is not None and _seals(privacy.mechanism) is not None
 
 
 def sealed_message(who: str, what: str, privacy: PrivacyConfig) -> str:
     """One line: who touched what, under which mechanism, and what to do instead."""
     return (
         f"{who} read {what} under privacy.mechanism = {privacy.mechanism!r}: private data is "
-        f"sealed; train on it with {TRAINING_TIME[privacy.mechanism]}, or use "
+        f"sealed; train on it with {_seals(privacy.mechanism)}, or use "
         "privacy.mechanism = 'client_gaussian'"
     )
 
