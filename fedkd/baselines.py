@@ -48,11 +48,21 @@ def baseline_config(cfg: Config, name: str) -> Config:
     d["baseline"] = False
     d["seeds"] = []
     strategy: dict = {"name": name}
-    if name == "transfer" and cfg.strategy.name == "fedmd":  # FedMD's own transfer phase
-        keep = ("transfer_epochs", "private_epochs")
+    if name == "transfer":  # the transfer phases it shares with the strategy (FedMD's)
+        keep = _param_names(name) & _param_names(cfg.strategy.name)
         strategy.update({k: v for k, v in cfg.strategy.params.items() if k in keep})
     d["strategy"] = strategy
     return load_config(d)
+
+
+def _param_names(strategy: str) -> set[str]:
+    """The parameter names of a server strategy's ``Params`` dataclass."""
+    from dataclasses import fields, is_dataclass
+
+    from fedkd.strategy import SERVER_STRATEGIES
+
+    params = SERVER_STRATEGIES.get(strategy).Params
+    return {f.name for f in fields(params)} if is_dataclass(params) else set()
 
 
 def run_centralised(
