@@ -274,12 +274,13 @@ def train_steps(
             )
             with recipe.autocast(x.device):
                 inputs = x[rows] if augment is None else augment(x[rows])
-                main = Batch(student_outputs(model, inputs, step, wide), labels=y[rows])
+                out = student_outputs(model, inputs, step, wide)
+                main = Batch(out, labels=y[rows], rows=rows)
                 if class_means is not None:
                     class_means.add(main.student[class_means.key], y[rows])
                 paired = None
                 if isinstance(kd, ClassKDTargets):
-                    main = Batch(main.student, labels=y[rows], **kd.context(y[rows]))
+                    main = Batch(main.student, labels=y[rows], rows=rows, **kd.context(y[rows]))
                 elif kd is not None:
                     pick = torch.randint(len(kd.logits), (len(rows),), generator=generator)
                     paired = Batch(student_outputs(model, kd.x[pick], step), **kd.context(pick))

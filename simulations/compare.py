@@ -29,6 +29,7 @@ import fedkd
 
 ALGORITHMS = [
     "local", "fedavg", "fedmd", "feddf", "dsfl", "fd", "cfd", "cronus", "kd", "dml", "fedproto",
+    "fedgkt",
 ]  # fmt: skip
 
 

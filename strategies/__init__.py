@@ -12,6 +12,7 @@ from strategies import (  # noqa: F401
     fd,
     fedavg,
     feddf,
+    fedgkt,
     fedmd,
     fedproto,
     kd,

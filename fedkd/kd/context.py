@@ -75,6 +75,9 @@ class Batch:
             ``target_probs`` is computed on those rows only and scaled by their share of
             the batch (rows without a target contribute 0 to the batch mean), as FD's
             per-class targets need for classes no other client has.
+        rows: ``[B]`` int64, the batch's row indices into the data being trained on (the
+            client's private set during private training), for per-sample targets a
+            step loss keeps itself (FedGKT's server logits); None where unknown.
     """
 
     student: dict[str, Tensor]
@@ -84,6 +87,7 @@ class Batch:
     prototypes: Tensor | None = None
     prototype_mask: Tensor | None = None
     teacher_mask: Tensor | None = None
+    rows: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -192,4 +196,5 @@ class Batch:
             target_probs=pick(self.target_probs),
             labels=pick(self.labels),
             teacher_mask=None,
+            rows=pick(self.rows),
         )
