@@ -54,7 +54,6 @@ Deviations:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -67,7 +66,7 @@ from fedkd.config import Config, ConfigError, Spec
 from fedkd.kd import Batch
 from fedkd.kd.step import StepLoss
 from fedkd.losses import SoftKL
-from fedkd.models import FeatureError, build_model, feature_shapes, features
+from fedkd.models import FeatureError, build_model, features
 from fedkd.payloads import PAYLOADS, Payload, PayloadError
 from fedkd.privacy import mechanism_of
 from fedkd.seeding import derive_seed
@@ -82,7 +81,7 @@ from fedkd.strategy import (
     client_losses,
     make_params,
 )
-from strategies.fedproto import known_input_shape
+from strategies.fedproto import check_widths, known_input_shape
 
 STATE_KEY = "fedgkt"  # server.state: model, optimizer, dim, features and logits per client
 
@@ -257,55 +256,13 @@ class FedGKTClient(ClientStrategy):
 # --- width check ------------------------------------------------------------------------
 
 
-def _models_field(config: Config) -> str:
-    return "clients.model_groups" if config.clients.model_groups else "clients.models"
-
-
-def feature_widths(
-    config: Config, input_shape: tuple[int, ...], key: str, num_classes: int = 10
-) -> dict[str, tuple[int, list[int]]]:
-    """Each distinct student architecture's flattened width of feature ``key`` and the
-    clients using it."""
-    from fedkd.client import student_spec
-
-    widths: dict[str, tuple[int, list[int]]] = {}
-    for cid in range(config.clients.count):
-        spec = student_spec(config, cid)
-        name = str(spec)
-        if name not in widths:
-            shapes = feature_shapes(
-                build_model(spec, input_shape, num_classes, seed=0), input_shape
-            )
-            if key not in shapes:
-                raise FeatureError(f"{name} has no feature {key!r} (it has {', '.join(shapes)})")
-            widths[name] = (math.prod(shapes[key]), [])
-        widths[name][1].append(cid)
-    return widths
-
-
-def check_widths(
-    config: Config, input_shape: tuple[int, ...], key: str, num_classes: int = 10
-) -> int:
-    """The common flattened width of every student's feature ``key``; ConfigError if the
-    widths differ or a student lacks the feature."""
-    try:
-        widths = feature_widths(config, input_shape, key, num_classes)
-    except FeatureError as err:
-        raise ConfigError(
-            _models_field(config), f"fedgkt needs every student's {key!r}: {err}"
-        ) from None
-    if len({w for w, _ in widths.values()}) > 1:
-        found = "; ".join(
-            f"{name}: {w} (clients {', '.join(map(str, cids))})"
-            for name, (w, cids) in widths.items()
-        )
-        raise ConfigError(
-            _models_field(config),
-            f"fedgkt trains one server model on every client's {key!r}, so the features must "
-            f"have the same width; on inputs of shape {tuple(input_shape)} the widths are "
-            f"{found}. Choose model parameters that give one width (fedkd.models.feature_shapes)",
-        )
-    return next(iter(widths.values()))[0]
+def _width_check(key: str) -> dict[str, str]:
+    """fedproto's width check, for the feature FedGKT uploads."""
+    why = (
+        f"trains one server model on every client's {key!r}, so the features must have "
+        "the same width"
+    )
+    return {"key": key, "strategy": "fedgkt", "why": why}
 
 
 # --- server -----------------------------------------------------------------------------
@@ -409,7 +366,7 @@ class FedGKTServer(ServerStrategy):
             return  # checked in setup, once the data is built
         key = cls._params(config).feature
         try:
-            check_widths(config, shape, key)
+            check_widths(config, shape, **_width_check(key))
         except ConfigError:
             raise
         except Exception:  # a model unfit for these inputs: fedkd reports it
@@ -422,7 +379,7 @@ class FedGKTServer(ServerStrategy):
     def setup(self, server: ServerNode) -> None:
         shape = tuple(server.test_x.shape[1:])
         p = self.params
-        dim = check_widths(server.config, shape, p.feature, server.num_classes)
+        dim = check_widths(server.config, shape, server.num_classes, **_width_check(p.feature))
         spec = Spec("mlp", {"hidden": p.server_hidden, "layers": p.server_layers})
         seed = derive_seed(server.config.seed, "fedgkt-server")
         model = build_model(spec, (dim,), server.num_classes, seed=seed).to(server.device)

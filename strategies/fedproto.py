@@ -46,6 +46,7 @@ Deviations:
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -56,7 +57,7 @@ from fedkd.config import Config, ConfigError
 from fedkd.data.datasets import DATASETS, OFFICIAL_SHAPES
 from fedkd.kd import Batch, CrossEntropy, PrototypeMatching
 from fedkd.kd.step import StepLoss
-from fedkd.models import FeatureError, build_model, embedding_dim, features
+from fedkd.models import FeatureError, build_model, feature_shapes, features
 from fedkd.payloads import Payload, PayloadError, Prototypes
 from fedkd.privacy import mechanism_of
 from fedkd.strategy import (
@@ -226,20 +227,24 @@ def known_input_shape(config: Config) -> tuple[int, ...] | None:
     return None
 
 
-def embedding_widths(
-    config: Config, input_shape: tuple[int, ...], num_classes: int = 10
+def feature_widths(
+    config: Config, input_shape: tuple[int, ...], key: str = "embedding", num_classes: int = 10
 ) -> dict[str, tuple[int, list[int]]]:
-    """Each distinct student architecture's embedding width and the clients using it."""
+    """Each distinct student architecture's flattened width of feature ``key`` (default:
+    the embedding, the input of its final linear layer) and the clients using it."""
     from fedkd.client import student_spec
 
     widths: dict[str, tuple[int, list[int]]] = {}
     for cid in range(config.clients.count):
         spec = student_spec(config, cid)
-        key = str(spec)
-        if key not in widths:
+        name = str(spec)
+        if name not in widths:
             model = build_model(spec, input_shape, num_classes, seed=0)
-            widths[key] = (embedding_dim(model, input_shape), [])
-        widths[key][1].append(cid)
+            shapes = feature_shapes(model, input_shape)
+            if key not in shapes:
+                raise FeatureError(f"{name} has no feature {key!r} (it has {', '.join(shapes)})")
+            widths[name] = (math.prod(shapes[key]), [])
+        widths[name][1].append(cid)
     return widths
 
 
@@ -247,14 +252,24 @@ def _models_field(config: Config) -> str:
     return "clients.model_groups" if config.clients.model_groups else "clients.models"
 
 
-def check_widths(config: Config, input_shape: tuple[int, ...], num_classes: int = 10) -> int:
-    """The common embedding width of every client's student; ConfigError if they differ
-    or a student has no embedding."""
+def check_widths(
+    config: Config,
+    input_shape: tuple[int, ...],
+    num_classes: int = 10,
+    *,
+    key: str = "embedding",
+    strategy: str = "fedproto",
+    why: str = "exchanges class prototypes, so every client's embedding (the input of its "
+    "final linear layer) must have the same width",
+) -> int:
+    """The common flattened width of every client's student feature ``key``; a
+    ConfigError naming ``strategy`` and ``why`` if the widths differ or a student lacks
+    the feature (FedGKT uses it for the features it uploads)."""
     try:
-        widths = embedding_widths(config, input_shape, num_classes)
+        widths = feature_widths(config, input_shape, key, num_classes)
     except FeatureError as err:
         raise ConfigError(
-            _models_field(config), f"fedproto needs every student's embedding: {err}"
+            _models_field(config), f"{strategy} needs every student's {key!r}: {err}"
         ) from None
     if len({w for w, _ in widths.values()}) > 1:
         found = "; ".join(
@@ -263,10 +278,9 @@ def check_widths(config: Config, input_shape: tuple[int, ...], num_classes: int 
         )
         raise ConfigError(
             _models_field(config),
-            f"fedproto exchanges class prototypes, so every client's embedding (the input "
-            f"of its final linear layer) must have the same width; on inputs of shape "
-            f"{tuple(input_shape)} the widths are {found}. Choose model parameters that "
-            f"give one width (fedkd.models.embedding_dim)",
+            f"{strategy} {why}; on inputs of shape {tuple(input_shape)} the widths are "
+            f"{found}. Choose model parameters that give one width "
+            "(fedkd.models.feature_shapes)",
         )
     return next(iter(widths.values()))[0]
 
