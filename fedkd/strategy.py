@@ -880,6 +880,20 @@ def server_strategy(config: Config) -> ServerStrategy:
     return strategy
 
 
+def refuse_configured_losses(config: Config, strategy: str, own_loss: str) -> None:
+    """For a strategy whose clients train with a step loss of their own: refuse a
+    configured ``strategy.losses`` before the run (``ClientNode`` would refuse it in the
+    first round), naming the list's config path."""
+    for cid in range(config.clients.count):
+        configured = client_losses(config, cid)
+        if configured is not None:
+            raise ConfigError(
+                configured[1],
+                f"{strategy} trains with its own loss ({own_loss}) and would ignore a "
+                "configured loss list; remove it",
+            )
+
+
 def _loss_needs(config: Config) -> dict[str, frozenset[str]]:
     """Every configured loss list's needs, by its config path."""
     from fedkd.kd import build_loss

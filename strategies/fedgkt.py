@@ -78,8 +78,8 @@ from fedkd.strategy import (
     Metrics,
     ServerNode,
     ServerStrategy,
-    client_losses,
     make_params,
+    refuse_configured_losses,
 )
 from strategies.fedproto import check_widths, known_input_shape
 
@@ -353,14 +353,7 @@ class FedGKTServer(ServerStrategy):
                 "features, logits and labels of their private samples in the clear, and train "
                 "with a custom loss outside any private training; use mechanism = 'none'",
             )
-        for cid in range(config.clients.count):
-            configured = client_losses(config, cid)
-            if configured is not None:
-                raise ConfigError(
-                    configured[1],
-                    "fedgkt trains with its own loss (CE + kd_weight * KD to the server's "
-                    "logits) and would ignore a configured loss list; remove it",
-                )
+        refuse_configured_losses(config, "fedgkt", "CE + kd_weight * KD to the server's logits")
         shape = known_input_shape(config)
         if shape is None:
             return  # checked in setup, once the data is built

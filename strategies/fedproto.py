@@ -68,7 +68,7 @@ from fedkd.strategy import (
     Metrics,
     ServerNode,
     ServerStrategy,
-    client_losses,
+    refuse_configured_losses,
 )
 from fedkd.training import ClassMeans
 
@@ -304,14 +304,7 @@ class FedProtoServer(ServerStrategy):
                 "(mean embeddings of private samples) and its prototype loss are computed "
                 "outside the mechanism's private training (e.g. DP-SGD); use mechanism = 'none'",
             )
-        for cid in range(config.clients.count):
-            configured = client_losses(config, cid)
-            if configured is not None:
-                raise ConfigError(
-                    configured[1],
-                    "fedproto trains with its own loss (CE + ld * prototype MSE) and would "
-                    "ignore a configured loss list; remove it (the weight is `ld`)",
-                )
+        refuse_configured_losses(config, "fedproto", "CE + ld * prototype MSE")
         shape = known_input_shape(config)
         if shape is None:
             return  # checked in setup, once the data is built
