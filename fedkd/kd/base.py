@@ -87,6 +87,29 @@ class KDLoss(nn.Module):
         """True while :meth:`setup` has yet to be called (only losses with parameters)."""
         return False
 
+    def compare_features(self, student_key: str, teacher_key: str | None) -> None:
+        """For a loss between a student and a teacher feature: set ``student_key``,
+        ``teacher_key`` (default: the student's) and the ``needs`` they make."""
+        self.student_key = student_key
+        self.teacher_key = teacher_key or student_key
+        self.needs = frozenset({f"student.{self.student_key}", f"teacher.{self.teacher_key}"})
+
+    def unsized_dims(
+        self, student_dims: Dims, teacher_dims: Dims
+    ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """For :meth:`setup` of a loss sized by its compared features: their shapes
+        ``(s, t)`` if the loss is not sized yet; None if it already is for these shapes
+        (setup is idempotent); ValueError if it was sized for others. The subclass sets
+        ``self._dims = (s, t)`` once sized."""
+        s = shape_of(student_dims, self.student_key, "student", self.who)
+        t = shape_of(teacher_dims, self.teacher_key, "teacher", self.who)
+        sized = getattr(self, "_dims", None)
+        if sized is None:
+            return s, t
+        if sized != (s, t):
+            raise ValueError(f"{self.who} was set up for {sized}, now given {(s, t)}")
+        return None
+
 
 def _is_loss(obj: object) -> bool:
     return isinstance(obj, type) and issubclass(obj, KDLoss)

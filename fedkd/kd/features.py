@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedkd.kd.base import LOSSES, Dims, KDLoss, ParamError, require, shape_of
+from fedkd.kd.base import LOSSES, Dims, KDLoss, ParamError, require
 from fedkd.kd.context import Batch, MissingContextError
 
 _POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d}
@@ -59,20 +59,16 @@ class Hint(KDLoss):
             "regressor",
             f"must be 'linear' or 'convreg', got {regressor!r}",
         )
-        self.student_key = student_key
-        self.teacher_key = teacher_key or student_key
+        self.compare_features(student_key, teacher_key)
         self.regressor = regressor
-        self.needs = frozenset({f"student.{self.student_key}", f"teacher.{self.teacher_key}"})
         self.register_module("adapter", None)
         self._dims: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def setup(self, student_dims: Dims, teacher_dims: Dims) -> None:
-        s = shape_of(student_dims, self.student_key, "student", self.who)
-        t = shape_of(teacher_dims, self.teacher_key, "teacher", self.who)
-        if self._dims is not None:
-            if self._dims != (s, t):
-                raise ValueError(f"{self.who} was set up for {self._dims}, now given {(s, t)}")
+        dims = self.unsized_dims(student_dims, teacher_dims)
+        if dims is None:
             return
+        s, t = dims
         if len(s) != len(t) or len(s) not in (1, 2, 3):
             raise ValueError(
                 f"{self.who} cannot map the student's {self.student_key!r} {s} to the "

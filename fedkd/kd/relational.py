@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedkd.kd.base import LOSSES, Dims, KDLoss, require, shape_of
+from fedkd.kd.base import LOSSES, Dims, KDLoss, require
 from fedkd.kd.context import Batch
 
 
@@ -71,9 +71,7 @@ class RelationalKD(KDLoss):
             float(angle_weight),
             float(eps),
         )
-        self.student_key = student_key
-        self.teacher_key = teacher_key or student_key
-        self.needs = frozenset({f"student.{self.student_key}", f"teacher.{self.teacher_key}"})
+        self.compare_features(student_key, teacher_key)
 
     def distance_loss(self, s: Tensor, t: Tensor) -> Tensor:
         """``L_D``: Huber between mean-normalised pairwise distances."""
@@ -149,20 +147,16 @@ class ContrastiveRepresentation(KDLoss):
         require(dim >= 1, "dim", f"must be >= 1, got {dim!r}")
         require(temperature > 0, "temperature", f"must be > 0, got {temperature!r}")
         self.dim, self.temperature = int(dim), float(temperature)
-        self.student_key = student_key
-        self.teacher_key = teacher_key or student_key
-        self.needs = frozenset({f"student.{self.student_key}", f"teacher.{self.teacher_key}"})
+        self.compare_features(student_key, teacher_key)
         self.register_module("student_head", None)
         self.register_module("teacher_head", None)
         self._dims: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def setup(self, student_dims: Dims, teacher_dims: Dims) -> None:
-        s = shape_of(student_dims, self.student_key, "student", self.who)
-        t = shape_of(teacher_dims, self.teacher_key, "teacher", self.who)
-        if self._dims is not None:
-            if self._dims != (s, t):
-                raise ValueError(f"{self.who} was set up for {self._dims}, now given {(s, t)}")
+        dims = self.unsized_dims(student_dims, teacher_dims)
+        if dims is None:
             return
+        s, t = dims
         self.student_head = _Embed(math.prod(s), self.dim)
         self.teacher_head = _Embed(math.prod(t), self.dim)
         self._dims = (s, t)
