@@ -196,10 +196,7 @@ def train_supervised(
                     loss = (1 - kd_weight) * ce + kd_weight * kd_loss
             if kd_loss is not None:
                 totals["kd"] += kd_loss.item()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            recipe.clip(model)
-            optimizer.step()
+            _update(model, optimizer, loss, recipe)
             totals["loss"] += loss.item()
             totals["ce"] += ce.item()
             steps += 1
@@ -214,11 +211,12 @@ def _update(
     optimizer: torch.optim.Optimizer,
     loss: torch.Tensor,
     recipe: Recipe,
-    step: StepLoss,
+    step: StepLoss | None = None,
 ) -> None:
-    """One optimizer step on ``loss``, for the student and for the learnable parts of
-    ``step`` (adapters: their own optimizer, :meth:`StepLoss.optimizer_like`)."""
-    own = step.optimizer_like(optimizer)
+    """One optimizer step on ``loss`` (gradients cleared, back-propagated, clipped by the
+    recipe), for the student and for the learnable parts of ``step`` if any (adapters:
+    their own optimizer, :meth:`StepLoss.optimizer_like`)."""
+    own = None if step is None else step.optimizer_like(optimizer)
     optimizer.zero_grad(set_to_none=True)
     if own is not None:
         own.zero_grad(set_to_none=True)
@@ -336,13 +334,8 @@ def distill(
                     loss = kd.loss(model(inputs), kd.logits[rows])
                 else:
                     loss = step(_public_batch(model, inputs, kd, rows, step), None)
-            if step is None:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                recipe.clip(model)
-                optimizer.step()
-            else:
-                _update(model, optimizer, loss, recipe, step)
+            _update(model, optimizer, loss, recipe, step)
+            if step is not None:
                 for k, v in step.terms.items():
                     terms[k] = terms.get(k, 0.0) + v
             total += loss.item()
