@@ -25,7 +25,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from fedkd.config import Config, ConfigError, load_config
-    from fedkd.simulation import RunError, RunResult, SeedsResult, resume, run
+    from fedkd.runner import RunError, RunResult, SeedsResult, resume, run
 
 
 def __getattr__(name: str) -> Any:
@@ -35,7 +35,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(config, name)
     if name in ("run", "resume", "RunResult", "RunError", "SeedsResult"):
-        from fedkd import simulation
+        from fedkd import runner
 
-        return getattr(simulation, name)
+        return getattr(runner, name)
     raise AttributeError(f"module 'fedkd' has no attribute {name!r}")

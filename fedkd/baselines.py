@@ -19,14 +19,14 @@ from collections.abc import Callable
 
 import torch
 
-from fedkd.client import resolve_device, student_spec
+from fedkd.assignment import resolve_device, student_spec
 from fedkd.config import Config, load_config
 from fedkd.data import FederatedData
 from fedkd.data.transforms import train_augment
+from fedkd.federation import Interrupted, StopSignal
 from fedkd.models import build_model
 from fedkd.recipes import Recipe
 from fedkd.results.records import ClientRecord, RoundRecord
-from fedkd.rounds import Interrupted, StopSignal
 from fedkd.seeding import derive_seed, torch_generator
 from fedkd.training import evaluate, make_optimizer, to_tensor, train_supervised
 

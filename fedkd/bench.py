@@ -29,7 +29,7 @@ def plain_loop(overrides: list[str], started: float) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from fedkd.client import student_spec
+    from fedkd.assignment import student_spec
     from fedkd.config import load_config
     from fedkd.data import prepare_federated_data
     from fedkd.losses import SoftKL

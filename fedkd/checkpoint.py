@@ -28,7 +28,7 @@ from fedkd.results.records import SCHEMA, RoundRecord
 from fedkd.results.rundir import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from fedkd.rounds import Federation
+    from fedkd.federation import Federation
 
 FILE = Path("checkpoint") / "server.pt"
 

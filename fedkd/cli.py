@@ -24,7 +24,7 @@ def _outcome(call: Callable[[], Any], allow_partial: bool) -> int:
     from fedkd.config import ConfigError
     from fedkd.privacy.accounting import PrivacyError
     from fedkd.registry import UnknownNameError
-    from fedkd.simulation import RunError
+    from fedkd.runner import RunError
 
     try:
         result = call()
@@ -43,7 +43,7 @@ def _outcome(call: Callable[[], Any], allow_partial: bool) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedkd.simulation import run
+    from fedkd.runner import run
 
     config = None
     overrides = list(args.items)
@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from fedkd.simulation import resume
+    from fedkd.runner import resume
 
     if len(args.items) != 1:
         print("fedkd resume: give exactly one run folder", file=sys.stderr)
@@ -153,9 +153,8 @@ def _list(args: argparse.Namespace) -> int:
     from fedkd.kd import LOSSES
     from fedkd.losses import KD_LOSSES
     from fedkd.models import MODELS
-    from fedkd.recipes import SCHEDULES
+    from fedkd.recipes import OPTIMIZERS, SCHEDULES
     from fedkd.strategy import CLIENT_STRATEGIES, SERVER_STRATEGIES
-    from fedkd.training import OPTIMIZERS
 
     texts = LIST_SHAPES if args.input is None else (args.input,)
     try:

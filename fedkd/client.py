@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedkd.config import Config, Spec, parse_id_range
+from fedkd.assignment import client_losses, resolve_device, student_spec
+from fedkd.client_node import LOSSES_KEY, ClientNode
+from fedkd.config import Config
 from fedkd.contracts import check_metrics, check_payload
 from fedkd.data import load_federated_data
 from fedkd.data.transforms import train_augment
@@ -26,35 +28,13 @@ from fedkd.payloads import Payload, PayloadError
 from fedkd.privacy.mechanism import mechanism_of
 from fedkd.privacy.noise import NoiseSource
 from fedkd.seeding import derive_seed, torch_generator
+from fedkd.selection import client_strategy, server_strategy
 from fedkd.state_store import DiskStateStore, MemoryStateStore, StateStore
-from fedkd.strategy import (
-    LOSSES_KEY,
-    ClientNode,
-    client_losses,
-    client_strategy,
-    server_strategy,
-)
 from fedkd.training import logit_metrics, make_optimizer, predict_logits, to_tensor
 
 
-def student_spec(config: Config, cid: int) -> Spec:
-    """Client ``cid``'s architecture: an explicit ``clients.model_groups`` range,
-    else round-robin over ``clients.models``."""
-    for key, spec in config.clients.model_groups.items():
-        if cid in parse_id_range(key, config.clients.count, "clients.model_groups"):
-            return spec
-    return config.clients.models[cid % len(config.clients.models)]
-
-
-def resolve_device(config: Config) -> torch.device:
-    """``cuda`` when asked for, or when ``auto`` and this process sees a GPU."""
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 @dataclass
-class FitReply:
+class TrainReply:
     """What a client returns from a round."""
 
     cid: int
@@ -202,7 +182,9 @@ class ClientRuntime:
         seed = derive_seed(self.config.seed, "kd-losses", cid)
         return RoutedLoss.from_config(specs, path, seed=seed, state=extra.get(LOSSES_KEY))
 
-    def fit(self, cid: int, rnd: int, targets: Payload | None, public_idx: np.ndarray) -> FitReply:
+    def train(
+        self, cid: int, rnd: int, targets: Payload | None, public_idx: np.ndarray
+    ) -> TrainReply:
         """One round for client ``cid``: restore, train, predict, release, evaluate, save."""
         start = time.perf_counter()
         cfg = self.config
@@ -230,7 +212,7 @@ class ClientRuntime:
         metrics["num_examples"] = float(node.num_examples)
         metrics["seconds"] = time.perf_counter() - start
         self.store.save(cid, rnd, dump_state(node))
-        return FitReply(cid, payload, metrics)
+        return TrainReply(cid, payload, metrics)
 
     def _release(
         self, node: ClientNode, payload: Payload | None, metrics: dict[str, float]

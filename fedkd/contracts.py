@@ -15,6 +15,9 @@ import numpy as np
 
 from fedkd.payloads import Payload
 
+#: what hooks return as metrics: names to finite floats
+Metrics = dict[str, float]
+
 
 class HookError(TypeError):
     """A strategy hook broke its contract (wrong return type or value)."""

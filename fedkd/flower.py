@@ -1,7 +1,7 @@
 """Flower ServerApp / ClientApp for fedkd, run by Flower's simulation engine on Ray.
 
 The apps are thin: they convert records to typed payloads and call the shared
-round loop (:class:`fedkd.rounds.Federation`) and client code
+round loop (:class:`fedkd.federation.Federation`) and client code
 (:class:`fedkd.client.ClientRuntime`). Messages carry public-set *indices* and
 logits, never public inputs. Each client's student and optimizer persist across
 rounds in the run folder's client-state store (:mod:`fedkd.state_store`), which is
@@ -29,12 +29,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedkd.client import FitReply, TargetsError, get_runtime
+from fedkd.client import TargetsError, TrainReply, get_runtime
 from fedkd.config import Config
 from fedkd.contracts import one_line
-from fedkd.payloads import Payload
-from fedkd.results.rundir import plain_text
-from fedkd.rounds import (
+from fedkd.federation import (
     ErrorLog,
     Failure,
     Federation,
@@ -43,6 +41,8 @@ from fedkd.rounds import (
     RunFailed,
     StopSignal,
 )
+from fedkd.payloads import Payload
+from fedkd.results.rundir import plain_text
 from fedkd.wire import arrays_to_record, payload_to_record, record_to_payload
 
 log = logging.getLogger("fedkd")
@@ -87,8 +87,8 @@ def make_client_app(jobs: Sequence[FlowerJob]) -> ClientApp:
             return _error_reply(msg, cid, err)
         return Message(RecordDict({"meta": ConfigRecord({"cid": cid})}), reply_to=msg)
 
-    @app.query("fit")
-    def fit(msg: Message, context: Context) -> Message:
+    @app.query("train")
+    def train(msg: Message, context: Context) -> Message:
         cid = int(context.node_config["partition-id"])
         content = msg.content
         try:
@@ -103,7 +103,7 @@ def make_client_app(jobs: Sequence[FlowerJob]) -> ClientApp:
                     targets = record_to_payload(kind, content.array_records["targets"])
                 except Exception as err:
                     raise TargetsError(f"unreadable {kind} targets from the server: {err}") from err
-            reply = runtime.fit(cid, rnd, targets, idx)
+            reply = runtime.train(cid, rnd, targets, idx)
             out = RecordDict(
                 {
                     "meta": ConfigRecord(
@@ -135,8 +135,8 @@ def _reported_failure(cid: int, reply: Message) -> Failure | None:
     return None
 
 
-def _read_reply(cid: int, reply: Message) -> FitReply | Failure:
-    """A client's reply message as a FitReply, or the Failure it reports."""
+def _read_reply(cid: int, reply: Message) -> TrainReply | Failure:
+    """A client's reply message as a TrainReply, or the Failure it reports."""
     failure = _reported_failure(cid, reply)
     if failure is not None:
         return failure
@@ -149,7 +149,7 @@ def _read_reply(cid: int, reply: Message) -> FitReply | Failure:
         except Exception as err:  # unknown kind or missing arrays: the client's fault
             error = f"unreadable {meta['kind']} payload: {one_line(err)}"
             return Failure(cid, error, metrics=metrics)  # it was sent: privacy is charged
-    return FitReply(cid, payload, metrics)
+    return TrainReply(cid, payload, metrics)
 
 
 class FlowerTransport:
@@ -189,18 +189,18 @@ class FlowerTransport:
                 Message(
                     records[id(targets)],
                     dst_node_id=self.nodes[cid],
-                    message_type="query.fit",
+                    message_type="query.train",
                     group_id=str(rnd),
                 )
             )
         return messages
 
-    def fit(
+    def train(
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
-    ) -> dict[int, FitReply | Failure]:
+    ) -> dict[int, TrainReply | Failure]:
         by_node = {node: cid for cid, node in self.nodes.items()}
         messages = self._messages(rnd, requests, public_idx)
-        out: dict[int, FitReply | Failure] = {}
+        out: dict[int, TrainReply | Failure] = {}
         for reply in send_and_wait(self.grid, messages, self.timeout, self.stop, f"round {rnd}"):
             cid = by_node[reply.metadata.src_node_id]
             out[cid] = _read_reply(cid, reply)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedkd.client import ClientRuntime, FitReply
+from fedkd.client import ClientRuntime, TrainReply
 from fedkd.config import Config
+from fedkd.federation import Failure
 from fedkd.payloads import Payload
-from fedkd.rounds import Failure
 from fedkd.state_store import StateStore
 
 
@@ -26,13 +26,13 @@ class InlineTransport:
     def __init__(self, config: Config, data_path: str, store: StateStore | None = None) -> None:
         self.runtime = ClientRuntime(config, data_path, store)
 
-    def fit(
+    def train(
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
-    ) -> dict[int, FitReply | Failure]:
-        replies: dict[int, FitReply | Failure] = {}
+    ) -> dict[int, TrainReply | Failure]:
+        replies: dict[int, TrainReply | Failure] = {}
         for cid, targets in sorted(requests.items()):
             try:
-                replies[cid] = self.runtime.fit(cid, rnd, targets, public_idx)
+                replies[cid] = self.runtime.train(cid, rnd, targets, public_idx)
             except Exception as err:  # a failing client must not end the run
                 replies[cid] = Failure.from_exception(cid, err)
         return replies

@@ -62,6 +62,21 @@ COMMON_KEYS = ("clock", "warmup")
 _RUNTIME = ("t", "total")
 
 
+OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry(
+    "optimizer", check=lambda c: isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+)
+OPTIMIZERS.register("adam")(torch.optim.Adam)
+OPTIMIZERS.register("adamw")(torch.optim.AdamW)
+OPTIMIZERS.register("sgd")(torch.optim.SGD)
+
+
+def make_optimizer(spec: str | Spec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Optimizer ``spec`` (a registered name, or a :class:`Spec` with its settings such as
+    ``momentum``, ``nesterov``, ``weight_decay``, ``betas``) over ``model``, at rate ``lr``."""
+    spec = Spec.parse(spec)
+    return OPTIMIZERS.get(spec.name)(model.parameters(), lr=lr, **spec.params)
+
+
 @SCHEDULES.register("constant")
 def constant(t: float, total: float) -> float:
     """The initial rate throughout."""
@@ -204,8 +219,6 @@ def check_schedule(spec: Spec, path: str) -> None:
 
 def check_optimizer(spec: Spec, path: str) -> None:
     """The optimizer's name and its parameters (``lr`` is ``<side>.lr``)."""
-    from fedkd.training import OPTIMIZERS
-
     if spec.name not in OPTIMIZERS:
         raise ConfigError(path, f"unknown optimizer {spec.name!r}; known: {', '.join(OPTIMIZERS)}")
     cls = OPTIMIZERS.get(spec.name)

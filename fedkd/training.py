@@ -15,26 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedkd.config import Spec
+from fedkd.losses import make_kd_loss
+from fedkd.payloads import EmbeddedLogits, Logits, SoftLabels
 from fedkd.recipes import Recipe
-from fedkd.registry import Registry
+from fedkd.recipes import make_optimizer as make_optimizer  # re-exported: the loops' home
 
 if TYPE_CHECKING:
     from fedkd.kd.step import StepLoss
-
-OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry(
-    "optimizer", check=lambda c: isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
-)
-OPTIMIZERS.register("adam")(torch.optim.Adam)
-OPTIMIZERS.register("adamw")(torch.optim.AdamW)
-OPTIMIZERS.register("sgd")(torch.optim.SGD)
-
-
-def make_optimizer(spec: str | Spec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Optimizer ``spec`` (a registered name, or a :class:`Spec` with its settings such as
-    ``momentum``, ``nesterov``, ``weight_decay``, ``betas``) over ``model``, at rate ``lr``."""
-    spec = Spec.parse(spec)
-    return OPTIMIZERS.get(spec.name)(model.parameters(), lr=lr, **spec.params)
 
 
 @dataclass
@@ -120,6 +107,40 @@ class ClassMeans:
             return np.zeros((self.classes, width), np.float32), np.zeros(self.classes, np.float32)
         m = self.sums / self.counts.clamp(min=1).unsqueeze(1)
         return m.float().numpy(), self.counts.float().numpy()
+
+
+def public_kd_targets(
+    public_x: torch.Tensor,
+    targets: Logits | SoftLabels,
+    temperature: float,
+    loss: str | None = None,
+) -> KDTargets:
+    """Targets on public indices -> (public inputs, targets, loss) on ``public_x``'s device.
+
+    ``loss`` defaults to ``soft_kl`` for :class:`Logits` and ``prob_kl`` for
+    :class:`SoftLabels` (whose values are already probabilities).
+    """
+    if isinstance(targets, SoftLabels):
+        values, default = targets.probs, "prob_kl"
+    elif isinstance(targets, Logits):
+        values, default = targets.values, "soft_kl"
+    else:
+        raise TypeError(f"cannot distill towards a {type(targets).__name__} payload")
+    idx = torch.as_tensor(targets.idx, dtype=torch.long, device=public_x.device)
+    values_t = torch.as_tensor(values, dtype=torch.float32, device=public_x.device)
+    kd_loss = make_kd_loss(loss or default, temperature)
+    features = None
+    if isinstance(targets, EmbeddedLogits):
+        emb = torch.as_tensor(targets.embedding, dtype=torch.float32, device=public_x.device)
+        features = {"embedding": emb}
+    probs = isinstance(targets, SoftLabels)
+    return KDTargets(public_x[idx], values_t, kd_loss, probs=probs, features=features)
+
+
+def softmax_rows(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise ``softmax(logits / temperature)`` (float64 inside, float32 out)."""
+    z = torch.from_numpy(np.asarray(logits)).double() / temperature
+    return torch.softmax(z, dim=-1).float().numpy()
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

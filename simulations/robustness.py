@@ -38,8 +38,8 @@ def final_honest_accuracy(overrides: list[str]) -> tuple[float, float | None]:
     """(mean accuracy of the honest students, server model accuracy) after the last round."""
     from fedkd.config import load_config
     from fedkd.data import prepare_federated_data
+    from fedkd.federation import Federation
     from fedkd.inline import InlineTransport
-    from fedkd.rounds import Federation
 
     cfg = load_config(None, overrides)
     data, path = prepare_federated_data(cfg)

@@ -57,7 +57,7 @@ class FedAvgServer(ServerStrategy):
 
     @classmethod
     def check_config(cls, config: Config) -> None:
-        from fedkd.client import student_spec
+        from fedkd.assignment import student_spec
 
         specs = {str(student_spec(config, cid)) for cid in range(config.clients.count)}
         if len(specs) > 1:

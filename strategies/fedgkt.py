@@ -79,7 +79,6 @@ from fedkd.strategy import (
     ServerNode,
     ServerStrategy,
     make_params,
-    refuse_configured_losses,
 )
 from strategies.fedproto import check_widths, known_input_shape
 
@@ -232,6 +231,7 @@ class FedGKTClient(ClientStrategy):
     uploads features, logits and labels of every private sample."""
 
     Params = FedGKTParams
+    own_loss = "CE + kd_weight * KD to the server's logits"
 
     def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
         n = node.num_examples
@@ -344,8 +344,8 @@ class FedGKTServer(ServerStrategy):
 
     @classmethod
     def check_config(cls, config: Config) -> None:
-        """No privacy mechanism, no ``strategy.losses``, one feature width (where the
-        input shape is known now)."""
+        """No privacy mechanism and one feature width (where the input shape is known
+        now); a ``strategy.losses`` list is refused through ``FedGKTClient.own_loss``."""
         if mechanism_of(config).active:
             raise ConfigError(
                 "privacy.mechanism",
@@ -353,7 +353,6 @@ class FedGKTServer(ServerStrategy):
                 "features, logits and labels of their private samples in the clear, and train "
                 "with a custom loss outside any private training; use mechanism = 'none'",
             )
-        refuse_configured_losses(config, "fedgkt", "CE + kd_weight * KD to the server's logits")
         shape = known_input_shape(config)
         if shape is None:
             return  # checked in setup, once the data is built

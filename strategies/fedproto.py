@@ -68,7 +68,6 @@ from fedkd.strategy import (
     Metrics,
     ServerNode,
     ServerStrategy,
-    refuse_configured_losses,
 )
 from fedkd.training import ClassMeans
 
@@ -166,6 +165,7 @@ def nearest_prototype(
 @CLIENT_STRATEGIES.register("fedproto")
 class FedProtoClient(ClientStrategy):
     Params = FedProtoParams
+    own_loss = "CE + ld * prototype MSE"
 
     def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
         protos = mask = None
@@ -232,7 +232,7 @@ def feature_widths(
 ) -> dict[str, tuple[int, list[int]]]:
     """Each distinct student architecture's flattened width of feature ``key`` (default:
     the embedding, the input of its final linear layer) and the clients using it."""
-    from fedkd.client import student_spec
+    from fedkd.assignment import student_spec
 
     widths: dict[str, tuple[int, list[int]]] = {}
     for cid in range(config.clients.count):
@@ -295,8 +295,8 @@ class FedProtoServer(ServerStrategy):
 
     @classmethod
     def check_config(cls, config: Config) -> None:
-        """Equal embedding widths (where the input shape is known now), no DP-SGD, and no
-        ``strategy.losses`` (FedProto trains with its own loss)."""
+        """Equal embedding widths (where the input shape is known now) and no DP-SGD (a
+        ``strategy.losses`` list is refused through ``FedProtoClient.own_loss``)."""
         if mechanism_of(config).seals:
             raise ConfigError(
                 "privacy.mechanism",
@@ -304,7 +304,6 @@ class FedProtoServer(ServerStrategy):
                 "(mean embeddings of private samples) and its prototype loss are computed "
                 "outside the mechanism's private training (e.g. DP-SGD); use mechanism = 'none'",
             )
-        refuse_configured_losses(config, "fedproto", "CE + ld * prototype MSE")
         shape = known_input_shape(config)
         if shape is None:
             return  # checked in setup, once the data is built

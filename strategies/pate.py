@@ -132,7 +132,7 @@ class PATEServer(ServerStrategy):
 
     @classmethod
     def check_config(cls, config: Config) -> None:
-        from fedkd.rounds import sample_clients
+        from fedkd.assignment import sample_clients
 
         params = make_params(PATEParams, config.strategy.params, "strategy")
         n = config.clients.count

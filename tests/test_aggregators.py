@@ -136,7 +136,7 @@ def test_make_aggregator_errors():
 
 
 def make_server(aggregator: Spec, num_examples: dict[int, int] | None = None) -> ServerNode:
-    """A server node as fedkd.rounds builds it, on tiny synthetic tensors."""
+    """A server node as fedkd.federation builds it, on tiny synthetic tensors."""
     config = Config(server=ServerConfig(aggregator=aggregator))
     x = torch.zeros(20, 3)
     return ServerNode(

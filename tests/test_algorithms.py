@@ -15,9 +15,9 @@ import pytest
 import fedkd
 from fedkd.config import load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation
 from fedkd.inline import InlineTransport
 from fedkd.results import Outcome
-from fedkd.rounds import Federation
 from tests.conftest import SMALL
 
 # about 30 s each on 2 cores: CI runs them (`pytest -m slow`), the default command does not

@@ -31,7 +31,8 @@ from fedkd.config import ConfigError, Spec, load_config
 from fedkd.data.datasets import Pool
 from fedkd.models import build_model
 from fedkd.payloads import Logits, SoftLabels, Weights
-from fedkd.strategy import ClientNode, ServerNode, client_strategy
+from fedkd.selection import client_strategy
+from fedkd.strategy import ClientNode, ServerNode
 from fedkd.training import make_optimizer
 from strategies.fedavg import FedAvgClient, FedAvgServer
 from strategies.feddf import FedDFParams, FedDFServer
@@ -457,7 +458,7 @@ def test_soft_labels_of_a_batchnorm_model_are_probabilities_in_eval_mode():
 
 
 def test_dpsgd_refuses_a_batchnorm_student_before_round_1():
-    from fedkd.simulation import _prepare
+    from fedkd.runner import _prepare
 
     cfg = load_config(
         None,

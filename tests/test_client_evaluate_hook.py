@@ -10,8 +10,8 @@ import pytest
 
 from fedkd.config import load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation, RunFailed
 from fedkd.inline import InlineTransport
-from fedkd.rounds import Federation, RunFailed
 from fedkd.training import predict_logits
 from strategies.kd import KDClient
 

@@ -43,7 +43,7 @@ def test_defaults_match_quickstart_in_every_section_but_strategy_params():
 
 
 def test_defaults_resolve_to_the_quickstart_strategy_params():
-    from fedkd.strategy import server_strategy
+    from fedkd.selection import server_strategy
 
     assert server_strategy(load_config()).params == server_strategy(load_config(QUICKSTART)).params
 

@@ -16,7 +16,7 @@ import pytest
 
 from fedkd.config import ClientsConfig, Config, ConfigError, from_dict, load_config
 from fedkd.data import PARTITIONERS, FederatedData, Pool, prepare_federated_data
-from fedkd.data.federation import build_federated_data, check_data_config
+from fedkd.data.prepare import build_federated_data, check_data_config
 from fedkd.seeding import derive_seed
 
 pytestmark = pytest.mark.filterwarnings(
@@ -322,7 +322,7 @@ def test_toml_nan_and_inf_are_rejected(tmp_path):
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_strategy_params_reject_nan_and_inf(value, tmp_path):
-    from fedkd.strategy import server_strategy
+    from fedkd.selection import server_strategy
 
     with pytest.raises(ConfigError) as err:
         server_strategy(load_config(None, [f"strategy.temperature={value}"]))
@@ -336,7 +336,7 @@ def test_strategy_params_reject_nan_and_inf(value, tmp_path):
 
 
 def test_strategy_params_table_written_out_points_to_the_flat_form():
-    from fedkd.strategy import server_strategy
+    from fedkd.selection import server_strategy
 
     with pytest.raises(ConfigError) as err:
         server_strategy(load_config(None, ["strategy.params.temperature=nan"]))

@@ -9,7 +9,7 @@ import pytest
 
 from fedkd.config import Config, ConfigError, load_config
 from fedkd.data import DATASETS, PARTITIONERS, FederatedData, prepare_federated_data
-from fedkd.data.federation import build_federated_data, check_data_config, data_key
+from fedkd.data.prepare import build_federated_data, check_data_config, data_key
 from fedkd.registry import UnknownNameError
 from fedkd.seeding import derive_seed
 
@@ -372,7 +372,7 @@ def test_save_load_single_client(tmp_path):
 
 
 def test_prepare_caches_on_disk(tmp_path, monkeypatch):
-    import fedkd.data.federation as federation
+    import fedkd.data.prepare as federation
 
     monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path))
     cfg = tiny_config("data.dataset=synthetic")

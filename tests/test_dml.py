@@ -17,14 +17,8 @@ from fedkd.config import ConfigError, Spec, load_config
 from fedkd.losses import ProbKL
 from fedkd.models import build_model
 from fedkd.payloads import Logits, SoftLabels
-from fedkd.strategy import (
-    CLIENT_STRATEGIES,
-    SERVER_STRATEGIES,
-    ClientNode,
-    ServerNode,
-    client_strategy,
-    server_strategy,
-)
+from fedkd.selection import client_strategy, server_strategy
+from fedkd.strategy import CLIENT_STRATEGIES, SERVER_STRATEGIES, ClientNode, ServerNode
 from fedkd.training import make_optimizer
 from strategies.dml import DMLClient, DMLParams, DMLServer
 
@@ -216,7 +210,7 @@ def test_params_are_validated_and_central_noise_is_refused():
         DMLParams(kd_weight=1.5)
     with pytest.raises(ConfigError, match="temperature"):
         DMLParams(temperature=0)
-    from fedkd.simulation import check_privacy_config
+    from fedkd.runner import check_privacy_config
 
     cfg = config("privacy.mechanism='client_gaussian'", "privacy.mode='central'")
     with pytest.raises(ConfigError) as err:
@@ -229,8 +223,8 @@ def test_params_are_validated_and_central_noise_is_refused():
 
 def test_a_federation_of_mutual_learners_runs_three_rounds(small_config):
     from fedkd.data import prepare_federated_data
+    from fedkd.federation import Federation
     from fedkd.inline import InlineTransport
-    from fedkd.rounds import Federation
 
     # the whole [strategy] table: small_config's carries kd's parameters
     cfg = load_config(small_config, ['strategy={name="dml"}', "rounds=3", "privacy.audit=false"])

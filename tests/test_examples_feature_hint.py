@@ -21,10 +21,11 @@ import torch
 
 from fedkd.config import ConfigError, load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation
 from fedkd.inline import InlineTransport
 from fedkd.kd import LOSSES
-from fedkd.rounds import Federation
-from fedkd.strategy import server_strategy
+from fedkd.privacy.preflight import preflight
+from fedkd.selection import server_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "feature_hint_strategy.py"
@@ -92,7 +93,6 @@ def test_the_example_runs_two_rounds_in_process(small_config, monkeypatch):
 
 
 def test_the_example_is_refused_before_the_run_under_dp_sgd(small_config, monkeypatch):
-    from fedkd.privacy import guard
 
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     cfg = load_config(
@@ -100,7 +100,7 @@ def test_the_example_is_refused_before_the_run_under_dp_sgd(small_config, monkey
                        "privacy.mechanism=dpsgd", "privacy.noise_multiplier=1.0"],
     )  # fmt: skip
     with pytest.raises(ConfigError, match="custom training loss"):
-        guard.preflight(cfg, prepare_federated_data(cfg)[0])
+        preflight(cfg, prepare_federated_data(cfg)[0])
 
 
 # --- the page's snippets ------------------------------------------------------------------

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 
 from fedkd.config import ConfigError, Spec, load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation
 from fedkd.inline import InlineTransport
 from fedkd.kd import Batch
 from fedkd.kd.step import StepLoss
 from fedkd.models import build_model
 from fedkd.payloads import PayloadError
-from fedkd.rounds import Federation
 from fedkd.training import make_optimizer, train_supervised
 from fedkd.wire import payload_to_record, record_to_payload
 from strategies.fedgkt import (
@@ -184,10 +184,10 @@ def test_server_training_lowers_its_loss_and_logits_keep_row_order():
 
 
 class _Recording(InlineTransport):
-    def fit(self, rnd, requests, public_idx):
+    def train(self, rnd, requests, public_idx):
         self.requests = getattr(self, "requests", {})
         self.requests[rnd] = dict(requests)
-        return super().fit(rnd, requests, public_idx)
+        return super().train(rnd, requests, public_idx)
 
 
 def test_a_short_federation_sends_each_client_the_server_logits_on_its_own_samples(

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 import strategies.fedproto  # noqa: F401 - registers "fedproto" (until strategies/ imports it)
 from fedkd.config import ConfigError, Spec, load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation
 from fedkd.inline import InlineTransport
 from fedkd.kd import Batch
 from fedkd.models import build_model
 from fedkd.payloads import PayloadError, Prototypes
-from fedkd.rounds import Federation
+from fedkd.selection import server_strategy
 from fedkd.training import make_optimizer, train_steps
 from strategies.fedproto import (
     FedProtoClient,
@@ -161,7 +162,7 @@ def test_the_width_is_checked_again_on_the_built_data(small_config):
 def test_dpsgd_and_a_configured_loss_list_are_refused(small_config, override, field):
     cfg = load_config(small_config, ["strategy=fedproto", EQUAL_WIDTHS, override])
     with pytest.raises(ConfigError) as err:
-        FedProtoServer.check_config(cfg)
+        server_strategy(cfg)  # the pre-run checks, own_loss included
     assert err.value.args[0].startswith(field)
 
 

@@ -23,8 +23,8 @@ from fedkd.data import (
     build_federated_data,
     prepare_federated_data,
 )
-from fedkd.data.federation import check_data_config, data_key
 from fedkd.data.femnist import FEMNIST_CLASSES
+from fedkd.data.prepare import check_data_config, data_key
 from fedkd.data.readers import CorruptFileError, expected_files, read_split
 
 WRITERS, SHARDS = 8, 2

@@ -70,8 +70,8 @@ def test_too_few_samples_and_bad_columns_name_the_field(mnist_like):
 
 
 def test_federation_on_hf_data_with_an_image_cnn(mnist_like, tmp_path):
+    from fedkd.federation import Federation
     from fedkd.inline import InlineTransport
-    from fedkd.rounds import Federation
 
     cfg = load_config(
         {

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from fedkd.assignment import client_losses
 from fedkd.config import ConfigError, Spec, load_config
 from fedkd.kd import Batch, MissingContextError
 from fedkd.kd.step import RoutedLoss, StepLoss
 from fedkd.losses import ProbKL, SoftKL
 from fedkd.models import build_model
 from fedkd.privacy.accounting import PrivacyError
-from fedkd.strategy import client_losses, server_strategy
+from fedkd.privacy.preflight import preflight
+from fedkd.selection import server_strategy
 from fedkd.training import (
     ClassKDTargets,
     KDTargets,
@@ -186,7 +188,6 @@ def test_client_losses_come_from_the_strategy_or_an_explicit_client_entry():
 @pytest.mark.parametrize("mechanism", ["dpsgd"])
 def test_a_configured_loss_is_refused_under_dp_sgd_before_the_run(mechanism, small_config):
     from fedkd.data import prepare_federated_data
-    from fedkd.privacy import guard
 
     cfg = load_config(
         small_config,
@@ -198,15 +199,15 @@ def test_a_configured_loss_is_refused_under_dp_sgd_before_the_run(mechanism, sma
         ],
     )
     with pytest.raises((ConfigError, PrivacyError), match="custom training loss"):
-        guard.preflight(cfg, prepare_federated_data(cfg)[0])
+        preflight(cfg, prepare_federated_data(cfg)[0])
 
 
 def test_a_run_with_configured_losses_completes_and_keeps_the_adapters(small_config, tmp_path):
     """In-process federation (the runtime Flower calls): kd with a loss list; per-term
     metrics reach the round records."""  # noqa: D401
     from fedkd.data import prepare_federated_data
+    from fedkd.federation import Federation
     from fedkd.inline import InlineTransport
-    from fedkd.rounds import Federation
 
     cfg = load_config(
         small_config,
@@ -239,8 +240,8 @@ def test_feature_hints_from_the_kd_teacher_run_from_a_config(small_config):
     client's adapter maps its own embedding width to the teacher's and is kept between
     rounds."""
     from fedkd.data import prepare_federated_data
+    from fedkd.federation import Federation
     from fedkd.inline import InlineTransport
-    from fedkd.rounds import Federation
 
     losses = (
         '[{name="ce", weight=0.5}, {name="soft_kl", weight=0.5, temperature=3.0}, '
@@ -300,7 +301,7 @@ def test_prototype_losses_cannot_be_configured_only_a_strategy_step_provides_the
 
 def test_client_level_dp_refuses_payloads_with_arrays_it_would_not_noise():
     from fedkd.payloads import EmbeddedLogits, Logits
-    from fedkd.privacy.payload import values_of
+    from fedkd.privacy.release import values_of
 
     idx = np.arange(3)
     values_of(Logits(idx, np.zeros((3, C), np.float32)))

@@ -18,17 +18,17 @@ import numpy as np
 import pytest
 import torch
 
+from fedkd.assignment import student_spec
 from fedkd.baselines import baseline_config, run_centralised
-from fedkd.client import student_spec
 from fedkd.config import Config, ConfigError, load_config, save_config
 from fedkd.data import build_federated_data, prepare_federated_data
-from fedkd.data.federation import check_data_config, data_key
 from fedkd.data.femnist import FEMNIST_CLASSES
+from fedkd.data.prepare import check_data_config, data_key
 from fedkd.data.readers import read_split, selection
+from fedkd.federation import Federation
 from fedkd.inline import InlineTransport
 from fedkd.models import build_model
-from fedkd.rounds import Federation
-from fedkd.simulation import check_config
+from fedkd.runner import check_config
 from tests.test_official_data import _dump, _images, write_cifar10, write_mnist
 from tests.test_readers import write_idx
 
@@ -421,7 +421,7 @@ def test_a_run_without_a_server_model_never_builds_server_teacher() -> None:
     after its last round."""
     from types import SimpleNamespace
 
-    from fedkd.simulation import _profiles
+    from fedkd.runner import _profiles
 
     cfg = load_config(None, ["strategy.name=fedmd", "clients.models=['cnn2d']"])
     assert cfg.server.teacher.name == "cnn1d"  # the default, a model for 1-D inputs

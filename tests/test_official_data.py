@@ -20,7 +20,7 @@ import pytest
 
 from fedkd.config import Config, ConfigError, PublicSet, load_config, save_config
 from fedkd.data import FederatedData, build_federated_data, prepare_federated_data
-from fedkd.data.federation import check_data_config, data_key
+from fedkd.data.prepare import check_data_config, data_key
 from fedkd.strategy import SERVER_STRATEGIES
 from tests.http_server import Server
 from tests.test_download import folder_blobs, targz
@@ -229,7 +229,7 @@ def test_unlabelled_same_dataset_proxy_is_disjoint(root: Path) -> None:
 
 
 def test_fedmd_refuses_unlabelled_proxy(root: Path) -> None:
-    from fedkd.simulation import check_config
+    from fedkd.runner import check_config
 
     cfg = config(root, "data.public.dataset=cifar100", "data.public.size=30", "strategy=fedmd")
     with pytest.raises(ConfigError, match="labelled public set") as err:
@@ -297,7 +297,7 @@ def test_proxy_config_round_trip(root: Path, tmp_path: Path) -> None:
 
 
 def test_missing_files_fail_fast(tmp_path: Path) -> None:
-    from fedkd.simulation import check_config
+    from fedkd.runner import check_config
 
     cfg = config(tmp_path / "nowhere")
     start = time.perf_counter()
@@ -317,7 +317,7 @@ def test_data_download_fetches_missing_files_before_anything_runs(
     """``data.download = true`` runs the real downloader (here from a local HTTP server
     serving a tiny archive in the official layout) and the run's data is read from it."""
     from fedkd.data import download as dl
-    from fedkd.simulation import check_config
+    from fedkd.runner import check_config
 
     blob = targz(folder_blobs(root / "cifar-10-batches-py", "cifar-10-batches-py/"))
     served = server.add("cifar-10-python.tar.gz", blob)

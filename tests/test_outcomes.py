@@ -17,9 +17,9 @@ import pytest
 import fedkd
 from fedkd.config import load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation, RunFailed
 from fedkd.inline import InlineTransport
 from fedkd.results import Outcome, read_rounds, read_summary
-from fedkd.rounds import Federation, RunFailed
 from strategies.kd import KDServer
 from tests.conftest import SMALL
 
@@ -280,7 +280,7 @@ def test_min_success_at_exactly_the_threshold_is_not_a_failure():
 
 def test_a_robust_aggregator_is_refused_where_the_strategy_does_not_use_it(small_config):
     from fedkd.config import ConfigError
-    from fedkd.simulation import check_config
+    from fedkd.runner import check_config
 
     cfg = _with(small_config, "strategy={name='fedavg'}", 'clients.models=["mlp"]')
     check_config(cfg)
@@ -291,7 +291,7 @@ def test_a_robust_aggregator_is_refused_where_the_strategy_does_not_use_it(small
 
 
 def test_one_line_errors_survive_notes_and_multi_line_messages():
-    from fedkd.rounds import Failure
+    from fedkd.federation import Failure
 
     err = ValueError("first line\nsecond line")
     err.add_note("a note")

@@ -10,6 +10,7 @@ import pytest
 import fedkd
 from fedkd.config import ConfigError, load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation, public_indices
 from fedkd.inline import InlineTransport
 from fedkd.payloads import Votes
 from fedkd.privacy.accounting import (
@@ -23,8 +24,7 @@ from fedkd.privacy.accounting import (
     threshold_logpr_answered,
     threshold_rdp_data_dependent,
 )
-from fedkd.rounds import Federation, public_indices
-from fedkd.simulation import check_config
+from fedkd.runner import check_config
 from strategies.pate import PATEParams, PATEServer, round_rdp
 from tests.conftest import SMALL
 
@@ -50,9 +50,9 @@ class SpyTransport(InlineTransport):
         super().__init__(*args, **kwargs)
         self.sent: dict[int, np.ndarray] = {}
 
-    def fit(self, rnd, requests, public_idx):
+    def train(self, rnd, requests, public_idx):
         self.sent[rnd] = np.array(public_idx)
-        return super().fit(rnd, requests, public_idx)
+        return super().train(rnd, requests, public_idx)
 
 
 def _run(cfg):

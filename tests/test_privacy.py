@@ -13,14 +13,14 @@ import fedkd
 from fedkd.client import ClientRuntime
 from fedkd.config import ConfigError, load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation, public_indices
 from fedkd.inline import InlineTransport
 from fedkd.payloads import ClassLogits, Logits, SoftLabels
 from fedkd.privacy.accounting import accountant_epsilon, dpsgd_steps_per_round, gnmax_rdp
 from fedkd.privacy.audit import attack_scores
 from fedkd.privacy.noise import NoiseSource
-from fedkd.privacy.payload import central_mean, clip, local_release, values_of
-from fedkd.rounds import Federation, public_indices
-from fedkd.simulation import check_config
+from fedkd.privacy.release import central_mean, clip, local_release, values_of
+from fedkd.runner import check_config
 from tests.conftest import SMALL
 
 
@@ -151,9 +151,9 @@ def test_dpsgd_client_keeps_its_accountant_across_rounds(tmp_path):
     data, path = prepare_federated_data(cfg)
     runtime = ClientRuntime(cfg, str(path))  # client state kept in memory between rounds
     idx = public_indices(cfg, 1)
-    first = runtime.fit(0, 1, None, idx[:0])
+    first = runtime.train(0, 1, None, idx[:0])
     state = runtime.store.load(0, 2)
-    second = runtime.fit(0, 2, None, idx[:0])
+    second = runtime.train(0, 2, None, idx[:0])
     n = len(data.parts[0])
     q, per_round = dpsgd_steps_per_round(n, cfg.clients.batch_size, cfg.clients.local_epochs)
     assert first.metrics["dp_steps"] == per_round and second.metrics["dp_steps"] == 2 * per_round

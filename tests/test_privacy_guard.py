@@ -25,6 +25,7 @@ from fedkd.payloads import Logits, Payload
 from fedkd.privacy import guard
 from fedkd.privacy.accounting import PrivacyError, accountant_epsilon
 from fedkd.privacy.dpsgd import HISTORY_KEY, dp_train
+from fedkd.privacy.preflight import preflight
 from fedkd.strategy import ClientNode, ClientStrategy, Metrics, ServerNode, ServerStrategy
 from fedkd.training import make_optimizer, train_supervised
 from strategies.kd import KDClient
@@ -548,7 +549,7 @@ def _small(*extra: str):
 def test_preflight_refuses_a_per_client_strategy(data, cls):
     cfg = _small(f'clients.strategies={{"1-2" = "{HERE}:{cls.__name__}"}}')
     with pytest.raises(ConfigError) as err:
-        guard.preflight(cfg, data)
+        preflight(cfg, data)
     assert err.value.field == "clients.strategies.1-2"
     assert f"client strategy {cls.__name__} cannot run under privacy.mechanism = 'dpsgd'" in str(
         err.value
@@ -558,13 +559,13 @@ def test_preflight_refuses_a_per_client_strategy(data, cls):
 
 def test_preflight_refuses_a_default_client_strategy(data):
     with pytest.raises(ConfigError, match="OwnLoop.train read node.x") as err:
-        guard.preflight(_small(f"strategy.name={HERE}:ClearServer"), data)
+        preflight(_small(f"strategy.name={HERE}:ClearServer"), data)
     assert err.value.field == "privacy.mechanism"
 
 
 def test_preflight_refuses_fd_which_shares_per_class_means(data):
     with pytest.raises(ConfigError, match="FDClient.train: per-class means") as err:
-        guard.preflight(_small("strategy.name=fd"), data)
+        preflight(_small("strategy.name=fd"), data)
     assert err.value.field == "privacy.mechanism"
 
 
@@ -573,17 +574,17 @@ def test_preflight_refuses_fd_which_shares_per_class_means(data):
 )
 def test_preflight_passes_the_built_in_strategies(data, name):
     extra = ["clients.models=['mlp']"] if name == "fedavg" else []
-    guard.preflight(_small(f"strategy.name={name}", *extra), data)
+    preflight(_small(f"strategy.name={name}", *extra), data)
 
 
 def test_preflight_passes_late_readers_and_is_off_without_a_seal(data):
-    guard.preflight(_small(f'clients.strategies={{"0" = "{HERE}:LateReader"}}'), data)
+    preflight(_small(f'clients.strategies={{"0" = "{HERE}:LateReader"}}'), data)
     for mechanism in ("none", "client_gaussian"):
         cfg = load_config(
             None,
             [*SMALL, f"strategy.name={HERE}:ClearServer", f"privacy.mechanism={mechanism}"],
         )
-        guard.preflight(cfg, data)  # the seal is off: nothing to refuse
+        preflight(cfg, data)  # the seal is off: nothing to refuse
 
 
 def test_preflight_leaves_global_randomness_alone_and_is_quick(data):
@@ -593,9 +594,9 @@ def test_preflight_leaves_global_randomness_alone_and_is_quick(data):
     np.random.seed(2)
     random.seed(3)
     states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
-    guard.preflight(cfg, data)  # warm: imports and the first optimizer are one-off costs
+    preflight(cfg, data)  # warm: imports and the first optimizer are one-off costs
     start = time.perf_counter()
-    guard.preflight(cfg, data)
+    preflight(cfg, data)
     assert time.perf_counter() - start < 1.0
     assert torch.equal(torch.get_rng_state(), states[0])
     assert np.array_equal(np.random.get_state()[1], states[1])
@@ -623,8 +624,8 @@ class SpyMeanServer(ServerStrategy):
 
 
 def test_under_central_noise_the_server_strategy_sees_only_the_noisy_mean(tmp_path):
+    from fedkd.federation import Federation
     from fedkd.inline import InlineTransport
-    from fedkd.rounds import Federation
 
     cfg = load_config(
         None,
@@ -638,8 +639,8 @@ def test_under_central_noise_the_server_strategy_sees_only_the_noisy_mean(tmp_pa
 
 
 def test_under_pate_a_client_cannot_send_anything_but_votes(tmp_path):
+    from fedkd.federation import Federation
     from fedkd.inline import InlineTransport
-    from fedkd.rounds import Federation
 
     cfg = load_config(
         None,

@@ -15,7 +15,7 @@ from fedkd.config import ConfigError, load_config
 from fedkd.payloads import Payload
 from fedkd.privacy import MECHANISMS, Mechanism, NoiseSource, mechanism_of
 from fedkd.privacy.accounting import PrivacyLedger
-from fedkd.privacy.payload import values_of, with_values
+from fedkd.privacy.release import values_of, with_values
 from fedkd.seeding import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +102,8 @@ class _Recording:
     def __init__(self, inner: Any) -> None:
         self.inner, self.payloads = inner, {}
 
-    def fit(self, rnd: int, requests: dict, public_idx: np.ndarray) -> dict:
-        replies = self.inner.fit(rnd, requests, public_idx)
+    def train(self, rnd: int, requests: dict, public_idx: np.ndarray) -> dict:
+        replies = self.inner.train(rnd, requests, public_idx)
         for cid, reply in replies.items():
             self.payloads[rnd, cid] = values_of(reply.payload)
         return replies
@@ -114,9 +114,9 @@ class _Recording:
 
 def _federate(small_config: Any, *extra: str) -> tuple[list, dict]:
     from fedkd.data import prepare_federated_data
+    from fedkd.federation import Federation
     from fedkd.inline import InlineTransport
-    from fedkd.rounds import Federation
-    from fedkd.simulation import check_config
+    from fedkd.runner import check_config
 
     cfg = load_config(small_config, ["rounds=2", "privacy.audit=false", *extra])
     check_config(cfg)
@@ -152,8 +152,8 @@ def test_a_user_mechanism_runs_a_federation_and_reports_its_epsilon(small_config
 
 def test_the_budget_stops_a_user_mechanism(small_config):
     from fedkd.data import prepare_federated_data
+    from fedkd.federation import Federation
     from fedkd.inline import InlineTransport
-    from fedkd.rounds import Federation
 
     cfg = load_config(
         small_config,

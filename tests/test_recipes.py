@@ -14,9 +14,9 @@ from torch import nn
 from fedkd.checkpoint import restore_checkpoint, save_checkpoint
 from fedkd.config import ConfigError, Spec, load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation, Interrupted
 from fedkd.inline import InlineTransport
 from fedkd.recipes import Recipe, check_recipes, schedule_factor
-from fedkd.rounds import Federation, Interrupted
 from fedkd.state_store import DiskStateStore
 from fedkd.training import KDTargets, distill, make_optimizer, train_supervised
 from tests.test_resume import _numbers

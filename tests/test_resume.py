@@ -20,6 +20,7 @@ from fedkd.checkpoint import restore_checkpoint, save_checkpoint
 from fedkd.client import load_state
 from fedkd.config import load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation, Interrupted
 from fedkd.inline import InlineTransport
 from fedkd.results import (
     SCHEMA,
@@ -29,7 +30,6 @@ from fedkd.results import (
     read_rounds,
     read_summary,
 )
-from fedkd.rounds import Federation, Interrupted
 from fedkd.state_store import DiskStateStore
 from tests.conftest import SMALL
 

@@ -12,6 +12,7 @@ import pytest
 
 from fedkd.config import ConfigError, load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation
 from fedkd.inline import InlineTransport
 from fedkd.results import read_rounds, read_summary
 from fedkd.results.records import Outcome
@@ -22,7 +23,6 @@ from fedkd.results.seeds import (
     comparison_table,
     read_seeds,
 )
-from fedkd.rounds import Federation
 from tests.conftest import SMALL
 from tests.test_resume import _numbers
 
@@ -200,7 +200,7 @@ def test_resume_of_a_multi_seed_run_finishes_the_seeds_that_had_not_ended(
 ):
     import shutil
 
-    from fedkd.simulation import resume
+    from fedkd.runner import resume
 
     copy = tmp_path / "run"
     shutil.copytree(seeds_run.directory, copy)

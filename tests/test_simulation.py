@@ -7,10 +7,10 @@ import pytest
 import fedkd
 from fedkd.config import load_config
 from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation
 from fedkd.inline import InlineTransport
 from fedkd.results import Outcome, read_rounds, read_summary
-from fedkd.rounds import Federation
-from fedkd.simulation import RunError
+from fedkd.runner import RunError
 from tests.conftest import SMALL
 
 pytestmark = pytest.mark.simulation

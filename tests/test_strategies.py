@@ -1,7 +1,7 @@
 """The built-in algorithms' defining computations, pinned against hand-worked examples.
 
 Each group builds ``ServerNode`` / ``ClientNode`` objects directly (as
-``fedkd.rounds`` and ``fedkd.client`` do) on tiny synthetic data: no dataset
+``fedkd.federation`` and ``fedkd.client`` do) on tiny synthetic data: no dataset
 download, no Flower, no Ray. Expected values are written out by hand or computed by
 a few independent lines of NumPy, never by calling the code under test twice.
 """
@@ -18,13 +18,8 @@ from fedkd.config import ConfigError, Spec, load_config
 from fedkd.losses import KD_LOSSES, LogitMAE, ProbKL, SoftKL
 from fedkd.models import build_model
 from fedkd.payloads import ClassLogits, Logits, PayloadError, QuantizedSoftLabels, SoftLabels
-from fedkd.strategy import (
-    ClientNode,
-    ServerNode,
-    client_strategy,
-    public_kd_targets,
-    server_strategy,
-)
+from fedkd.selection import client_strategy, server_strategy
+from fedkd.strategy import ClientNode, ServerNode, public_kd_targets
 from fedkd.training import make_optimizer
 from strategies.cfd import CFDClient, CFDParams, CFDServer
 from strategies.cronus import CronusParams, CronusServer, robust_mean

@@ -1,14 +1,14 @@
 """Datasets, partitioners and the federation's splits."""
 
 from fedkd.data.datasets import DATASETS, OfficialDataset, Pool
-from fedkd.data.federation import (
+from fedkd.data.partition import PARTITIONERS
+from fedkd.data.prepare import (
     ClientData,
     FederatedData,
     build_federated_data,
     load_federated_data,
     prepare_federated_data,
 )
-from fedkd.data.partition import PARTITIONERS
 
 __all__ = [
     "DATASETS",

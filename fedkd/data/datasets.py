@@ -252,7 +252,7 @@ class OfficialDataset:
     """A dataset read from its official files (see :mod:`fedkd.data.readers`).
 
     fedkd builds a federation from its official splits (private and public rows from
-    ``train``, the test set from ``test``; see :mod:`fedkd.data.federation`). Called
+    ``train``, the test set from ``test``; see :mod:`fedkd.data.prepare`). Called
     as a plain dataset function, it returns a seeded sample of one split.
     """
 

@@ -27,7 +27,7 @@ from fedkd.config import Config, PrivacyConfig
 from fedkd.seeding import torch_generator
 
 if TYPE_CHECKING:
-    from fedkd.strategy import ClientNode
+    from fedkd.client_node import ClientNode
 
 HISTORY_KEY = "dpsgd_history"
 
@@ -46,7 +46,7 @@ def check_models(config: Config, input_shape: tuple[int, ...], num_classes: int)
     the samples of a batch, so per-sample gradients (and their clipping) are undefined;
     Opacus refuses it. Swapping in another norm silently would train another model than
     the one configured (and FedAvg could not load the server's BatchNorm weights)."""
-    from fedkd.client import student_spec
+    from fedkd.assignment import student_spec
     from fedkd.config import ConfigError
     from fedkd.models import MODELS, build_model
 

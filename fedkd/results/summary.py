@@ -174,7 +174,7 @@ def summarize(
     baselines: Mapping[str, Sequence[RoundRecord]] | None = None,
 ) -> RunSummary:
     """The end-of-run summary (written to summary.json and printed as a table)."""
-    from fedkd.client import student_spec
+    from fedkd.assignment import student_spec
     from fedkd.faults import byzantine_clients
 
     model_of = {cid: str(student_spec(config, cid)) for cid in range(config.clients.count)}

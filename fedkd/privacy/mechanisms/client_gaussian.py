@@ -2,7 +2,7 @@
 "client_gaussian"``): each client's payload clipped to L2 norm ``privacy.clip``, with
 Gaussian noise added at the server to the mean (``mode = "central"``, acts on the
 aggregate) or by each client before upload (``mode = "local"``, acts on the upload).
-The maths is in :mod:`fedkd.privacy.payload`. Keys: ``mode``, ``clip``,
+The maths is in :mod:`fedkd.privacy.release`. Keys: ``mode``, ``clip``,
 ``noise_multiplier``.
 
 Accounting: one Gaussian release (sensitivity-normalised noise ``noise_multiplier``,
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fedkd.config import ConfigError, PrivacyConfig
 from fedkd.privacy.accounting import merge
 from fedkd.privacy.mechanism import MECHANISMS, Mechanism
-from fedkd.privacy.payload import FIELDS, central_mean, local_release
+from fedkd.privacy.release import FIELDS, central_mean, local_release
 
 if TYPE_CHECKING:
     from fedkd.config import Config

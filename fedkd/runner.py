@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedkd.client import student_spec
+from fedkd.assignment import resolve_device, sample_clients, student_spec
 from fedkd.config import Config, ConfigError, Spec, load_config
 from fedkd.contracts import one_line
 from fedkd.data import FederatedData, prepare_federated_data
-from fedkd.data.federation import check_data_config
+from fedkd.data.prepare import check_data_config
+from fedkd.federation import Federation, Interrupted, RunFailed
 from fedkd.models import build_model, check_model_spec
 from fedkd.privacy.accounting import PrivacyLedger
 from fedkd.privacy.mechanism import mechanism_of
@@ -47,8 +48,7 @@ from fedkd.results.records import write_jsonl
 from fedkd.results.rundir import atomic_write_text
 from fedkd.results.seeds import SeedsSummary, plot_seeds, seed_folders, write_csv
 from fedkd.results.summary import outcome_of, summarize
-from fedkd.rounds import Federation, Interrupted, RunFailed, sample_clients
-from fedkd.strategy import client_strategy, server_strategy
+from fedkd.selection import client_strategy, server_strategy
 
 log = logging.getLogger("fedkd")
 
@@ -147,7 +147,7 @@ def _prepare(cfg: Config) -> tuple[FederatedData, Path]:
     check_config(cfg)
     data, data_path = prepare_federated_data(cfg)
     PrivacyLedger(cfg, data.part_sizes).check_start(sample_clients(cfg, 1))
-    from fedkd.privacy.guard import preflight
+    from fedkd.privacy.preflight import preflight
 
     mechanism_of(cfg).check_data(cfg, data)  # e.g. students DP-SGD cannot train
     preflight(cfg, data)  # no client strategy may train in the clear under DP-SGD
@@ -204,7 +204,6 @@ def _header(cfg: Config, path: Path) -> str:
 
 def _device_note(cfg: Config) -> str:
     """``, on cuda with bfloat16 autocast``: said when not the plain CPU default."""
-    from fedkd.client import resolve_device
 
     device = resolve_device(cfg)
     if device.type == "cpu" and not cfg.amp:

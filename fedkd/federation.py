@@ -21,7 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fedkd.client import FitReply, TargetsError, resolve_device, student_spec
+from fedkd.assignment import resolve_device, student_spec
+from fedkd.client import TargetsError, TrainReply
 from fedkd.config import Config
 from fedkd.contracts import check_metrics, check_payload, min_usable, one_line
 from fedkd.data import FederatedData
@@ -38,7 +39,9 @@ from fedkd.results.records import (
     RoundRecord,
 )
 from fedkd.seeding import derive_seed, torch_generator
-from fedkd.strategy import ServerNode, ServerStrategy, server_strategy
+from fedkd.selection import server_strategy, teacher_reads
+from fedkd.server_node import ServerNode
+from fedkd.strategy import ServerStrategy
 from fedkd.training import make_optimizer, to_tensor
 
 log = logging.getLogger("fedkd")
@@ -73,9 +76,9 @@ class Interrupted(Exception):
 class Transport(Protocol):
     """Delivers a round's request to clients and collects their replies."""
 
-    def fit(
+    def train(
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
-    ) -> dict[int, FitReply | Failure]:
+    ) -> dict[int, TrainReply | Failure]:
         """Run round ``rnd`` on each client in ``requests`` (client id -> its targets)."""
         ...
 
@@ -97,16 +100,6 @@ def public_indices(config: Config, rnd: int) -> np.ndarray:
         return np.arange(n, dtype=np.int32)
     rng = np.random.default_rng(derive_seed(config.seed, "public", rnd))
     return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int32)
-
-
-def sample_clients(config: Config, rnd: int) -> list[int]:
-    """Clients sampled in round ``rnd`` (``clients.fraction`` of them, seeded)."""
-    n = config.clients.count
-    k = max(1, round(config.clients.fraction * n))
-    if k >= n:
-        return list(range(n))
-    rng = np.random.default_rng(derive_seed(config.seed, "sample", rnd))
-    return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
 
 
 class Federation:
@@ -144,6 +137,7 @@ class Federation:
             device=device,
             privacy=PrivacyLedger(config, data.part_sizes),
             augment=train_augment(config.data),
+            clients_read=teacher_reads(config),
         )
         self.noise = NoiseSource(config.seed, config.privacy.secure_noise)
         self.byzantine = frozenset(byzantine_clients(config))
@@ -174,7 +168,7 @@ class Federation:
             who = f"{type(self.strategy).__name__}.{name}"
             raise RunFailed(f"server: {who} raised {one_line(err)}") from err
 
-    def _check(self, reply: FitReply, public_idx: np.ndarray) -> str | None:
+    def _check(self, reply: TrainReply, public_idx: np.ndarray) -> str | None:
         """Why this reply's payload cannot be aggregated (None: it can)."""
         payload = reply.payload
         if payload is None:
@@ -295,7 +289,7 @@ class Federation:
         # the round's public indices are a seeded function of (seed, round) that both
         # sides can compute: they travel here for validation but are not counted
         down = {cid: req.nbytes if req is not None else 0 for cid, req in requests.items()}
-        replies = transport.fit(rnd, requests, query) if requests else {}
+        replies = transport.train(rnd, requests, query) if requests else {}
         clients, failures, payloads, replied = self._collect(
             rnd, cids, faults, replies, down, query, errors
         )
@@ -327,7 +321,7 @@ class Federation:
         rnd: int,
         cids: list[int],
         faults: RoundFaults,
-        replies: dict[int, FitReply | Failure],
+        replies: dict[int, TrainReply | Failure],
         down: dict[int, int],
         query: np.ndarray,
         errors: ErrorLog | None,
@@ -344,7 +338,7 @@ class Federation:
             up = 0
             if isinstance(reply, Failure) and reply.metrics is not None:
                 replied[cid] = reply.metrics  # it released something: charge it
-            if isinstance(reply, FitReply):
+            if isinstance(reply, TrainReply):
                 up = reply.payload.nbytes if reply.payload is not None else 0
                 self.server.num_examples[cid] = int(reply.metrics["num_examples"])
                 replied[cid] = reply.metrics
@@ -364,7 +358,7 @@ class Federation:
                     FailureRecord(cid, problem.error, problem.side, up, down.get(cid, 0))
                 )
                 continue
-            assert isinstance(reply, FitReply)
+            assert isinstance(reply, TrainReply)
             if reply.payload is not None:
                 payloads[cid] = reply.payload
             clients[cid] = ClientRecord.from_reply(
