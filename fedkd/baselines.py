@@ -20,14 +20,16 @@ from collections.abc import Callable
 import torch
 
 from fedkd.assignment import resolve_device, student_spec
-from fedkd.config import Config, load_config
+from fedkd.config import Config, Spec, load_config
 from fedkd.data import FederatedData
 from fedkd.data.transforms import train_augment
-from fedkd.federation import Interrupted, StopSignal
+from fedkd.federation import ErrorLog, Federation, Interrupted, StopSignal
+from fedkd.inline import InlineTransport
 from fedkd.models import build_model
 from fedkd.recipes import Recipe
 from fedkd.results.records import ClientRecord, RoundRecord
 from fedkd.seeding import derive_seed, torch_generator
+from fedkd.selection import server_strategy
 from fedkd.training import evaluate, make_optimizer, to_tensor, train_supervised
 
 #: the label of each in tables
@@ -37,6 +39,9 @@ LABELS = {
     "fedavg": "FedAvg",
     "centralised": "centralised",
 }
+
+#: the local-only baseline's name (its records are the run's ``baseline``)
+LOCAL = "local"
 
 
 def baseline_config(cfg: Config, name: str) -> Config:
@@ -65,6 +70,35 @@ def _param_names(strategy: str) -> set[str]:
     return {f.name for f in fields(params)} if is_dataclass(params) else set()
 
 
+def baseline_file(name: str) -> str:
+    """The run-folder file that baseline ``name``'s rounds are written to."""
+    return "baseline.jsonl" if name == LOCAL else f"baseline-{name}.jsonl"
+
+
+def check_baseline(cfg: Config, name: str) -> None:
+    """Raise ConfigError if strategy baseline ``name`` cannot run under ``cfg``."""
+    if name == "centralised":
+        return
+    server_strategy(baseline_config(cfg, name))
+
+
+def run_baseline(
+    name: str,
+    cfg: Config,
+    data: FederatedData,
+    data_path: str,
+    stop: StopSignal,
+    on_round: Callable[[RoundRecord], None],
+    errors: ErrorLog,
+) -> None:
+    """Run baseline ``name`` in-process, passing each round's record to ``on_round``."""
+    if name == "centralised":
+        run_centralised(cfg, data, stop, on_round)
+        return
+    base = baseline_config(cfg, name)
+    Federation(base, data).run(InlineTransport(base, data_path), on_round, stop=stop, errors=errors)
+
+
 def run_centralised(
     cfg: Config,
     data: FederatedData,
@@ -83,15 +117,7 @@ def run_centralised(
     y = to_tensor(data.private_y, device)[rows.to(device)]
     test_x, test_y = to_tensor(data.test_x, device), to_tensor(data.test_y, device)
     specs = {cid: student_spec(cfg, cid) for cid in range(cfg.clients.count)}
-    models, optimizers = {}, {}
-    for key, spec in {str(spec): spec for spec in specs.values()}.items():
-        model = build_model(
-            spec, data.input_shape, data.num_classes, seed=derive_seed(cfg.seed, f"central:{key}")
-        ).to(device)
-        models[key], optimizers[key] = (
-            model,
-            make_optimizer(cfg.clients.optimizer, model, cfg.clients.lr),
-        )
+    models, optimizers = _central_models(cfg, data, specs, device)
     augment = train_augment(cfg.data)
     records: list[RoundRecord] = []
     for rnd in range(1, cfg.rounds + 1):
@@ -114,29 +140,56 @@ def run_centralised(
                 augment=augment.bound(aug_gen),
             )
             accuracy[key] = evaluate(model, test_x, test_y)
-        clients = {
-            cid: ClientRecord(
-                cid=cid,
-                model=str(spec),
-                accuracy=accuracy[str(spec)]["accuracy"],
-                loss=accuracy[str(spec)]["loss"],
-                num_examples=len(rows),
-                bytes_up=0,
-                bytes_down=0,
-            )
-            for cid, spec in specs.items()
-        }
-        record = RoundRecord(
-            round=rnd,
-            seconds=time.perf_counter() - start,
-            sampled=tuple(specs),
-            clients=clients,
-            failures=(),
-            server=None,
-            bytes_up=0,
-            bytes_down=0,
-        )
+        record = _central_record(rnd, start, specs, accuracy, len(rows))
         records.append(record)
         if on_round is not None:
             on_round(record)
     return records
+
+
+def _central_models(
+    cfg: Config, data: FederatedData, specs: dict[int, Spec], device: torch.device
+) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer]]:
+    """One model and its optimizer per distinct student architecture, keyed by spec."""
+    models, optimizers = {}, {}
+    for key, spec in {str(spec): spec for spec in specs.values()}.items():
+        model = build_model(
+            spec, data.input_shape, data.num_classes, seed=derive_seed(cfg.seed, f"central:{key}")
+        ).to(device)
+        models[key], optimizers[key] = (
+            model,
+            make_optimizer(cfg.clients.optimizer, model, cfg.clients.lr),
+        )
+    return models, optimizers
+
+
+def _central_record(
+    rnd: int,
+    start: float,
+    specs: dict[int, Spec],
+    accuracy: dict[str, dict[str, float]],
+    num_examples: int,
+) -> RoundRecord:
+    """Round ``rnd``'s record: each client reported with its architecture's model."""
+    clients = {
+        cid: ClientRecord(
+            cid=cid,
+            model=str(spec),
+            accuracy=accuracy[str(spec)]["accuracy"],
+            loss=accuracy[str(spec)]["loss"],
+            num_examples=num_examples,
+            bytes_up=0,
+            bytes_down=0,
+        )
+        for cid, spec in specs.items()
+    }
+    return RoundRecord(
+        round=rnd,
+        seconds=time.perf_counter() - start,
+        sampled=tuple(specs),
+        clients=clients,
+        failures=(),
+        server=None,
+        bytes_up=0,
+        bytes_down=0,
+    )

@@ -30,6 +30,7 @@ from fedkd.privacy.noise import NoiseSource
 from fedkd.seeding import derive_seed, torch_generator
 from fedkd.selection import client_strategy, server_strategy
 from fedkd.state_store import DiskStateStore, MemoryStateStore, StateStore
+from fedkd.strategy import ClientStrategy
 from fedkd.training import logit_metrics, make_optimizer, predict_logits, to_tensor
 
 
@@ -99,10 +100,13 @@ class ClientRuntime:
         self.data = load_federated_data(data_path)
         self.device = resolve_device(config)
         self.store: StateStore = store if store is not None else MemoryStateStore()
-        # resolve every strategy once: imports users' modules, registering their payload kinds
+        # resolve every strategy once: imports users' modules, registering their payload
+        # kinds, and validates each client's params (incl. its loss list) here, not per round
         server_strategy(config)
+        self._strategies: dict[int, tuple[type[ClientStrategy], Any]] = {}
         for cid in range(config.clients.count):
-            client_strategy(config, cid)
+            strategy = client_strategy(config, cid)
+            self._strategies[cid] = (type(strategy), strategy.params)
         self.byzantine = frozenset(byzantine_clients(config))
         self.augment = train_augment(config.data)
         self.mechanism = mechanism_of(config)  # the privacy mechanism, asked, never named
@@ -197,7 +201,8 @@ class ClientRuntime:
                 why = f"invalid {targets.kind} targets from the server: {err}"
                 raise TargetsError(why) from err
         torch.manual_seed(derive_seed(cfg.seed, "client-global", rnd, cid))
-        strategy = client_strategy(cfg, cid)
+        cls, params = self._strategies[cid]
+        strategy = cls(params)  # a fresh instance each round: no state outside node.state
         state = self.store.load(cid, rnd)
         node = self._node(cid, rnd, state, strategy)
         if state is None:
@@ -205,7 +210,8 @@ class ClientRuntime:
         trained = check_metrics(strategy, "train", strategy.train(node, targets))
         metrics = {f"train_{k}": v for k, v in trained.items()}
         payload = check_payload(strategy, "predict", strategy.predict(node, public_idx))
-        payload = self._release(node, payload, metrics)
+        metrics.update(self.mechanism.report(node))  # e.g. DP-SGD's steps and epsilon
+        payload = self._release(node, payload)
         metrics.update(self._evaluate(node))
         extra = check_metrics(strategy, "evaluate", strategy.evaluate(node))
         metrics.update({f"eval_{k}": v for k, v in extra.items()})
@@ -214,13 +220,10 @@ class ClientRuntime:
         self.store.save(cid, rnd, dump_state(node))
         return TrainReply(cid, payload, metrics)
 
-    def _release(
-        self, node: ClientNode, payload: Payload | None, metrics: dict[str, float]
-    ) -> Payload | None:
+    def _release(self, node: ClientNode, payload: Payload | None) -> Payload | None:
         """What leaves the client: the payload after local DP noise, or, from a Byzantine
         client, its attack on that (an attacker does not clip its own upload)."""
         cfg, cid, rnd = self.config, node.cid, node.round
-        self.mechanism.report(node, metrics)  # e.g. DP-SGD's steps and epsilon
         if payload is not None:  # e.g. local DP: clipped and noised before upload
             noise = NoiseSource(cfg.seed, cfg.privacy.secure_noise)
             payload = self.mechanism.release(payload, noise=noise, rnd=rnd, cid=cid)

@@ -488,7 +488,7 @@ class PrivacyConfig:
                 f"'package.module:Mechanism', got {self.mechanism!r} (PATE is the 'pate' "
                 f"strategy): {err}",
             ) from None
-        cls.parse_params(self.params)
+        cls.parse_params(self)
         if self.mode not in ("central", "local"):
             raise ConfigError("mode", f"must be central or local, got {self.mode!r}")
         _positive("clip", self.clip)

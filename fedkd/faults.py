@@ -174,36 +174,55 @@ def attack_payload(
         means = _attack_array(payload.means, attack, scale, rng)
         return replace(payload, means=means, counts=payload.counts.copy())
     if isinstance(payload, QuantizedSoftLabels):
-        if attack == "labelflip":
-            return replace(
-                payload,
-                idx=payload.idx.copy(),
-                packed=payload.packed.copy(),
-                meta=payload.meta.copy(),
-            )
-        labels = payload.soft_labels()
-        probs = _attack_probs(labels.probs, attack, scale, rng)
-        bits = int(payload.meta[0])
-        out = QuantizedSoftLabels.quantize(SoftLabels(labels.idx, probs), bits)
-        return replace(payload, idx=payload.idx.copy(), packed=out.packed, meta=payload.meta.copy())
+        return _attack_quantized(payload, attack, scale, rng)
     if isinstance(payload, Weights):
-        tensors = {
-            name: _attack_array(a, attack, scale, rng)
-            if np.issubdtype(a.dtype, np.floating)
-            else a.copy()
-            for name, a in payload.tensors.items()
-        }
-        return replace(payload, tensors=tensors)
+        return _attack_weights(payload, attack, scale, rng)
     if isinstance(payload, Votes):
-        labels = payload.labels
-        if attack == "random":
-            labels = rng.integers(0, num_classes, size=labels.shape).astype(labels.dtype)
-        elif attack == "signflip":
-            labels = (num_classes - 1 - labels.astype(np.int64)).astype(labels.dtype)
-        else:
-            labels = labels.copy()
-        return replace(payload, idx=payload.idx.copy(), labels=labels)
+        return _attack_votes(payload, attack, num_classes, rng)
     raise ValueError(f"no Byzantine attack is defined for {payload.kind!r} payloads")
+
+
+def _attack_quantized(
+    payload: QuantizedSoftLabels, attack: str, scale: float, rng: np.random.Generator
+) -> QuantizedSoftLabels:
+    """Quantized soft labels under ``attack``: dequantized, attacked, re-quantized."""
+    if attack == "labelflip":
+        return replace(
+            payload,
+            idx=payload.idx.copy(),
+            packed=payload.packed.copy(),
+            meta=payload.meta.copy(),
+        )
+    labels = payload.soft_labels()
+    probs = _attack_probs(labels.probs, attack, scale, rng)
+    bits = int(payload.meta[0])
+    out = QuantizedSoftLabels.quantize(SoftLabels(labels.idx, probs), bits)
+    return replace(payload, idx=payload.idx.copy(), packed=out.packed, meta=payload.meta.copy())
+
+
+def _attack_weights(
+    payload: Weights, attack: str, scale: float, rng: np.random.Generator
+) -> Weights:
+    """Model weights under ``attack``: float tensors attacked, integer buffers copied."""
+    tensors = {
+        name: _attack_array(a, attack, scale, rng)
+        if np.issubdtype(a.dtype, np.floating)
+        else a.copy()
+        for name, a in payload.tensors.items()
+    }
+    return replace(payload, tensors=tensors)
+
+
+def _attack_votes(payload: Votes, attack: str, num_classes: int, rng: np.random.Generator) -> Votes:
+    """Class votes under ``attack`` (``scale`` leaves them unchanged: no magnitude)."""
+    labels = payload.labels
+    if attack == "random":
+        labels = rng.integers(0, num_classes, size=labels.shape).astype(labels.dtype)
+    elif attack == "signflip":
+        labels = (num_classes - 1 - labels.astype(np.int64)).astype(labels.dtype)
+    else:
+        labels = labels.copy()
+    return replace(payload, idx=payload.idx.copy(), labels=labels)
 
 
 def byzantine_payload(

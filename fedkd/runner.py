@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +284,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = 
     records of rounds after the checkpoint (a round cut short) are dropped and those
     rounds run again, so the finished run equals one that was never interrupted.
     """
+    from fedkd.baselines import LOCAL, baseline_file
     from fedkd.checkpoint import restore_checkpoint
     from fedkd.state_store import DiskStateStore
 
@@ -311,7 +312,8 @@ def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = 
         raise ConfigError("run_dir", f"{out.path} has ended ({previous.status})")
     write_jsonl(out.path / "metrics.jsonl", federation.records)
     DiskStateStore(out.clients_dir).discard_after(done)
-    (out.path / "baseline.jsonl").unlink(missing_ok=True)
+    for name in {LOCAL, *cfg.baseline}:  # every baseline runs again, after the federation
+        (out.path / baseline_file(name)).unlink(missing_ok=True)
     out.log_error("resume", f"resumed after round {done}", None)
     _say(quiet, f"fedkd: resuming {out.path} after round {done} of {cfg.rounds}")
     return _execute(cfg, data, data_path, out, federation, quiet=quiet, t0=t0, resumed_from=done)
@@ -320,6 +322,8 @@ def resume(run_dir: str | Path, *, quiet: bool = False, started: float | None = 
 def _resume_seeds(parent: RunDirectory, *, quiet: bool, t0: float) -> SeedsResult:
     """Resume every seed of a multi-seed run that has not ended (each in turn, each its
     own Flower start), then write the statistics across seeds again."""
+    from fedkd.baselines import LOCAL, baseline_file
+
     cfg = load_config(parent.path / "config.toml")
     results: dict[int, RunResult] = {}
     for seed, folder in seed_folders(parent.path).items():
@@ -328,8 +332,8 @@ def _resume_seeds(parent: RunDirectory, *, quiet: bool, t0: float) -> SeedsResul
             _say(quiet, f"seed {seed}: ended ({previous.status})")
             child = load_config(folder / "config.toml")
             records = read_rounds(folder / "metrics.jsonl")
-            baseline_file = folder / "baseline.jsonl"
-            baseline = read_rounds(baseline_file) if baseline_file.is_file() else []
+            local_file = folder / baseline_file(LOCAL)
+            baseline = read_rounds(local_file) if local_file.is_file() else []
             results[seed] = RunResult(child, folder, records, previous, baseline)
             continue
         try:
@@ -369,31 +373,24 @@ def _run_baseline(
     data_path: Path,
     out: RunDirectory,
     stop: threading.Event,
-    records: list[RoundRecord],
-    name: str = "local",
+    name: str,
+    on_round: Callable[[RoundRecord], None],
 ) -> None:
-    """Baseline ``name`` (:mod:`fedkd.baselines`), appended to ``records`` round by round
-    and to its file; Ctrl-C (``stop``) ends it between rounds."""
-    from fedkd.baselines import LABELS, baseline_config, run_centralised
-    from fedkd.inline import InlineTransport
+    """Baseline ``name`` (:mod:`fedkd.baselines`), each round passed to ``on_round`` and
+    then appended to its file; Ctrl-C (``stop``) ends it between rounds."""
+    from fedkd.baselines import LABELS, baseline_file, run_baseline
 
-    file = "baseline.jsonl" if name == "local" else f"baseline-{name}.jsonl"
+    file = baseline_file(name)
 
     def keep(r: RoundRecord) -> None:
-        records.append(r)
+        on_round(r)
         out.append_round(file, r)
 
     def log(where: str, message: str, trace: str | None) -> None:
         out.log_error(f"{LABELS[name]} baseline, {where}", message, trace)
 
     try:
-        if name == "centralised":
-            run_centralised(cfg, data, stop, keep)
-            return
-        base = baseline_config(cfg, name)
-        Federation(base, data).run(
-            InlineTransport(base, str(data_path)), keep, stop=stop, errors=log
-        )
+        run_baseline(name, cfg, data, str(data_path), stop, keep, log)
     except RunFailed as err:
         raise RunFailed(f"{LABELS[name]} baseline: {err}") from err.__cause__
 
@@ -401,13 +398,11 @@ def _run_baseline(
 def _check_baselines(config: Config) -> None:
     """Each strategy baseline's own config checks (e.g. transfer needs public labels,
     fedavg one architecture), as errors on ``baseline``."""
-    from fedkd.baselines import baseline_config
+    from fedkd.baselines import check_baseline
 
     for name in _baselines_to_run(config):
-        if name == "centralised":
-            continue
         try:
-            server_strategy(baseline_config(config, name))
+            check_baseline(config, name)
         except ConfigError as err:
             raise ConfigError("baseline", f"the {name} baseline cannot run: {err}") from None
 
@@ -510,30 +505,20 @@ def _finish(
     """After the federated rounds: the baseline (unless the run already ended badly),
     then the summary, its table and the plot. Never raises for a run's ending.
     ``one_of_seeds``: print one status line instead of the table (it is on disk)."""
-    from fedkd.flower import ctrl_c_stops
+    from fedkd.baselines import LOCAL
 
     federation = job.federation
     if job.error is not None and ended.error is None:  # failed, while other seeds went on
         ended.note(job.error, out)
-    from fedkd.baselines import LABELS
-
     runs: dict[str, list[RoundRecord]] = {}
     b0 = None
     if not ended.interrupted and ended.error is None and stop.is_set():
         ended.interrupted = True
     if not ended.interrupted and ended.error is None:
-        try:
-            with ctrl_c_stops(stop):
-                for name in _baselines_to_run(cfg):
-                    what = "(same students, same budget, no federation)"
-                    if not one_of_seeds:
-                        _say(quiet, f"{LABELS[name]} baseline {what}...")
-                    b0 = b0 or time.time()
-                    runs[name] = []
-                    _run_baseline(cfg, data, data_path, out, stop, runs[name], name)
-        except BaseException as err:
+        runs, b0, err = _run_baselines(cfg, data, data_path, out, stop, quiet, one_of_seeds)
+        if err is not None:
             ended.note(err, out)
-    baseline = runs.pop("local", [])
+    baseline = runs.pop(LOCAL, [])
     every = [r for records in (baseline, *runs.values()) for r in records]
     records = federation.records
     timing = _timing(records, job.box, t0, b0)
@@ -544,6 +529,50 @@ def _finish(
         aggregations=federation.server.aggregations, resumed_from=resumed_from,
         baselines=runs,
     )  # fmt: skip
+    _report(cfg, out, summary, records, baseline, quiet, one_of_seeds)
+    return RunResult(cfg, out.path, list(records), summary, baseline), ended
+
+
+def _run_baselines(
+    cfg: Config,
+    data: FederatedData,
+    data_path: Path,
+    out: RunDirectory,
+    stop: threading.Event,
+    quiet: bool,
+    one_of_seeds: bool,
+) -> tuple[dict[str, list[RoundRecord]], float | None, BaseException | None]:
+    """Run every baseline in turn: the records so far, start time and what ended them."""
+    from fedkd.baselines import LABELS
+    from fedkd.flower import ctrl_c_stops
+
+    runs: dict[str, list[RoundRecord]] = {}
+    b0 = None
+    try:
+        with ctrl_c_stops(stop):
+            for name in _baselines_to_run(cfg):
+                what = "(same students, same budget, no federation)"
+                if not one_of_seeds:
+                    _say(quiet, f"{LABELS[name]} baseline {what}...")
+                b0 = b0 or time.time()
+                records: list[RoundRecord] = []
+                runs[name] = records
+                _run_baseline(cfg, data, data_path, out, stop, name, records.append)
+    except BaseException as err:
+        return runs, b0, err
+    return runs, b0, None
+
+
+def _report(
+    cfg: Config,
+    out: RunDirectory,
+    summary: RunSummary,
+    records: Sequence[RoundRecord],
+    baseline: list[RoundRecord],
+    quiet: bool,
+    one_of_seeds: bool,
+) -> None:
+    """Write the summary and its table, plot the accuracy, and print the table or status."""
     table = summary_table(summary)
     out.write_summary(summary, table)
     if records:
@@ -554,7 +583,6 @@ def _finish(
     else:
         _say(quiet, "\n" + table + f"results: {out.path}")
     sys.stdout.flush()
-    return RunResult(cfg, out.path, list(records), summary, baseline), ended
 
 
 def _timing(

@@ -175,11 +175,7 @@ def train_supervised(
     label, as they are computed for the step (FD). ``step`` replaces the loss (not the
     loop): see :func:`train_steps`; ``kd_weight`` is then unused.
     """
-    if class_means is not None and class_means.key != "logits" and step is None:
-        raise ValueError(
-            f"class means of {class_means.key!r} need a step loss that computes features "
-            "(train_private(step=...) or strategy.losses)"
-        )
+    _check_class_means(class_means, step)
     if step is not None:
         return train_steps(
             model, optimizer, x, y, step=step, epochs=epochs, batch_size=batch_size,
@@ -197,34 +193,76 @@ def train_supervised(
             lr = recipe.set_lr(
                 optimizer, epoch=epoch, epochs=epochs, step=steps, steps=epochs * per_epoch
             )
-            with recipe.autocast(x.device):
-                out = model(x[rows] if augment is None else augment(x[rows]))
-                if class_means is not None:  # logits only here (features: train_steps)
-                    class_means.add(out, y[rows])
-                ce = F.cross_entropy(out, y[rows], label_smoothing=recipe.label_smoothing)
-                loss = ce
-                kd_loss = None
-                if isinstance(kd, ClassKDTargets) and kd_weight > 0:
-                    keep = kd.valid[y[rows]]
-                    kd_loss = out.new_zeros(())  # same CE weight whether a batch has targets
-                    if bool(keep.any()):  # batch mean over all samples, zero where no target
-                        share = keep.float().mean()
-                        kd_loss = share * kd.loss(out[keep], kd.logits[y[rows][keep]])
-                elif kd is not None and kd_weight > 0:
-                    pick = torch.randint(len(kd.logits), (len(rows),), generator=generator)
-                    kd_loss = kd.loss(model(kd.x[pick]), kd.logits[pick])
-                if kd_loss is not None:
-                    loss = (1 - kd_weight) * ce + kd_weight * kd_loss
+            loss, ce, kd_loss = _supervised_losses(
+                model, x, y, rows, recipe=recipe, augment=augment, class_means=class_means,
+                kd=kd, kd_weight=kd_weight, generator=generator,
+            )  # fmt: skip
             if kd_loss is not None:
                 totals["kd"] += kd_loss.item()
             _update(model, optimizer, loss, recipe)
             totals["loss"] += loss.item()
             totals["ce"] += ce.item()
             steps += 1
-    out_metrics = {k: v / max(steps, 1) for k, v in totals.items()}
-    if lr is not None:
-        out_metrics["lr"] = lr  # the rate of the last step (only when a schedule is set)
-    return out_metrics
+    # lr: the rate of the last step (only when a schedule is set)
+    return _step_metrics(totals, steps, lr)
+
+
+def _check_class_means(class_means: ClassMeans | None, step: StepLoss | None) -> None:
+    """Refuse class means of features other than the logits without a step loss."""
+    if class_means is not None and class_means.key != "logits" and step is None:
+        raise ValueError(
+            f"class means of {class_means.key!r} need a step loss that computes features "
+            "(train_private(step=...) or strategy.losses)"
+        )
+
+
+def _supervised_losses(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    recipe: Recipe,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    class_means: ClassMeans | None,
+    kd: KDTargets | ClassKDTargets | None,
+    kd_weight: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One batch's (loss, CE, KD term or None) under the recipe's autocast."""
+    with recipe.autocast(x.device):
+        out = model(x[rows] if augment is None else augment(x[rows]))
+        if class_means is not None:  # logits only here (features: train_steps)
+            class_means.add(out, y[rows])
+        ce = F.cross_entropy(out, y[rows], label_smoothing=recipe.label_smoothing)
+        loss = ce
+        kd_loss = _kd_term(model, out, y, rows, kd, kd_weight, generator)
+        if kd_loss is not None:
+            loss = (1 - kd_weight) * ce + kd_weight * kd_loss
+    return loss, ce, kd_loss
+
+
+def _kd_term(
+    model: nn.Module,
+    out: torch.Tensor,
+    y: torch.Tensor,
+    rows: torch.Tensor,
+    kd: KDTargets | ClassKDTargets | None,
+    kd_weight: float,
+    generator: torch.Generator,
+) -> torch.Tensor | None:
+    """The distillation term of one private batch with outputs ``out`` (None: no term)."""
+    if isinstance(kd, ClassKDTargets) and kd_weight > 0:
+        keep = kd.valid[y[rows]]
+        kd_loss = out.new_zeros(())  # same CE weight whether a batch has targets
+        if bool(keep.any()):  # batch mean over all samples, zero where no target
+            share = keep.float().mean()
+            kd_loss = share * kd.loss(out[keep], kd.logits[y[rows][keep]])
+        return kd_loss
+    if kd is not None and kd_weight > 0:
+        pick = torch.randint(len(kd.logits), (len(rows),), generator=generator)
+        return kd.loss(model(kd.x[pick]), kd.logits[pick])
+    return None
 
 
 def _update(

@@ -42,6 +42,7 @@ from fedkd.privacy.accounting import (
     ORDERS,
     PrivacyLedger,
     accountant_epsilon,
+    dpsgd_steps_per_round,
     gnmax_rdp,
     rdp_epsilon,
 )
@@ -410,12 +411,18 @@ def _ledger(overrides: list[str], accountant: str, target: float = 0.0) -> Priva
     return PrivacyLedger(cfg, sizes=sizes)
 
 
+def _round_steps(ledger: PrivacyLedger, cid: int) -> int:
+    """One round of DP-SGD steps of client ``cid`` (Poisson batches, local epochs)."""
+    c = ledger.config.clients
+    return dpsgd_steps_per_round(ledger.sizes.get(cid, 1), c.batch_size, c.local_epochs)[1]
+
+
 def _metrics(ledger: PrivacyLedger, cids: list[int]) -> dict[int, dict[str, float]]:
     """What the sampled clients reply; DP-SGD clients report their cumulative steps."""
     if ledger.mechanism != "dpsgd":
         return {c: {} for c in cids}
     return {
-        c: {"dp_steps": float(ledger.dp_steps.get(c, 0) + ledger._dpsgd_round(c)[1])} for c in cids
+        c: {"dp_steps": float(ledger.dp_steps.get(c, 0) + _round_steps(ledger, c))} for c in cids
     }
 
 

@@ -78,7 +78,7 @@ def test_a_user_mechanism_loads_by_import_path_with_its_own_validated_table():
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"privacy.mechanism={REF}", "privacy.params.epsilom=1"])
     assert err.value.field == "privacy.params.epsilom"
-    with pytest.raises(ConfigError) as err:  # the built-ins read the flat keys only
+    with pytest.raises(ConfigError) as err:  # the built-ins' tables are checked too
         load_config(None, ["privacy.mechanism=dpsgd", "privacy.params.sigma=1"])
     assert err.value.field == "privacy.params.sigma"
     with pytest.raises(ConfigError) as err:
@@ -94,6 +94,30 @@ def test_builtins_declare_where_they_act():
     assert acts("privacy.mechanism=dpsgd") == "training"
     assert acts("privacy.mechanism=client_gaussian") == "aggregate"
     assert acts("privacy.mechanism=client_gaussian", "privacy.mode=local") == "upload"
+
+
+def test_builtins_take_their_own_table_or_the_flat_short_form():
+    def params(*overrides: str) -> Any:
+        return mechanism_of(load_config(None, list(overrides))).params
+
+    gaussian = "privacy.mechanism=client_gaussian"
+    assert params(gaussian).clip == 1.0 and params(gaussian).mode == "central"
+    assert params(gaussian, "privacy.clip=2.5").clip == 2.5  # the short form
+    table = params(gaussian, "privacy.params.clip=2.5", 'privacy.params.mode="local"')
+    assert (table.clip, table.mode) == (2.5, "local")
+    local = mechanism_of(load_config(None, [gaussian, 'privacy.params.mode="local"']))
+    assert local.acts_on == "upload"  # the table decides where it acts
+    dpsgd = params("privacy.mechanism=dpsgd", "privacy.params.max_grad_norm=0.5")
+    assert (dpsgd.max_grad_norm, dpsgd.noise_multiplier) == (0.5, 1.0)
+    with pytest.raises(ConfigError) as err:  # both ways at once: which one wins?
+        load_config(None, [gaussian, "privacy.clip=2", "privacy.params.clip=3"])
+    assert err.value.field == "privacy.params.clip"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [gaussian, 'privacy.params.mode="sideways"'])
+    assert err.value.field.startswith("privacy.params") and "sideways" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # "none" takes no parameters
+        load_config(None, ["privacy.params.clip=1"])
+    assert err.value.field == "privacy.params.clip"
 
 
 class _Recording:

@@ -209,6 +209,8 @@ def test_resume_of_a_multi_seed_run_finishes_the_seeds_that_had_not_ended(
     result = resume(copy, quiet=True)
     assert result.summary.outcome is Outcome.COMPLETED
     assert read_summary(copy / "seed-1").resumed_from == 2
+    for name in ("baseline.jsonl", "baseline-centralised.jsonl"):  # rerun, not appended twice
+        assert [r.round for r in read_rounds(copy / "seed-1" / name)] == [1, 2], name
     again = SeedsSummary.from_json(json.loads((copy / "summary.json").read_text()))
     before = seeds_run.summary.metrics["students"].values
     assert again.metrics["students"].values == pytest.approx(before)

@@ -600,6 +600,32 @@ def _federate(
     federation has P + K classes.
     """
     d = config.data
+    parts = _partition(config, private_y, private_groups)
+    if d.official and d.normalize:  # one input pipeline: the proxy set too, with these stats
+        private_x, public_x, test_x = (
+            normalize(a, d.dataset.name) for a in (private_x, public_x, test_x)
+        )
+    if public_classes:  # the union label space: public 0..P-1, private P..P+K-1
+        private_y, test_y = private_y + public_classes, test_y + public_classes
+    return FederatedData(
+        private_x,
+        private_y,
+        parts,
+        public_x,
+        public_y,
+        test_x,
+        test_y,
+        num_classes + public_classes,
+        private_groups,
+        public_classes,
+    )
+
+
+def _partition(
+    config: Config, private_y: np.ndarray, private_groups: np.ndarray | None
+) -> list[np.ndarray]:
+    """The configured partitioner's (checked) client rows of the private split."""
+    d = config.data
     partition = PARTITIONERS.get(config.partition.name)
     runtime: dict[str, Any] = {}
     wants = _groups_param(partition)
@@ -626,24 +652,7 @@ def _federate(
             d.private,
             d.private - assigned,
         )
-    if d.official and d.normalize:  # one input pipeline: the proxy set too, with these stats
-        private_x, public_x, test_x = (
-            normalize(a, d.dataset.name) for a in (private_x, public_x, test_x)
-        )
-    if public_classes:  # the union label space: public 0..P-1, private P..P+K-1
-        private_y, test_y = private_y + public_classes, test_y + public_classes
-    return FederatedData(
-        private_x,
-        private_y,
-        parts,
-        public_x,
-        public_y,
-        test_x,
-        test_y,
-        num_classes + public_classes,
-        private_groups,
-        public_classes,
-    )
+    return parts
 
 
 def _check_parts(config: Config, parts: list[np.ndarray]) -> None:

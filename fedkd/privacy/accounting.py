@@ -322,10 +322,6 @@ class PrivacyLedger:
 
     # --- per-client histories -------------------------------------------------------------
 
-    def _dpsgd_round(self, cid: int) -> tuple[float, int]:
-        c = self.config.clients
-        return dpsgd_steps_per_round(self.sizes.get(cid, 1), c.batch_size, c.local_epochs)
-
     def _history(self, cid: int, extra_round: bool) -> History:
         return self.plugin.history(self, cid, extra_round)
 

@@ -27,7 +27,10 @@ from fedkd.config import Config, PrivacyConfig
 from fedkd.seeding import torch_generator
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from fedkd.client_node import ClientNode
+    from fedkd.recipes import Recipe
 
 HISTORY_KEY = "dpsgd_history"
 
@@ -96,7 +99,9 @@ def check_secure_mode() -> None:
         ) from None
 
 
-def _check_budget(node: ClientNode, privacy: PrivacyConfig, history: list, epochs: int) -> None:
+def _check_budget(
+    node: ClientNode, privacy: PrivacyConfig, sigma: float, history: list, epochs: int
+) -> None:
     """Refuse DP-SGD steps that would take this client past ``privacy.target_epsilon``
     (the server also stops rounds ahead; this catches extra private epochs, e.g. a
     strategy's warm-up, that it could not foresee)."""
@@ -109,9 +114,7 @@ def _check_budget(node: ClientNode, privacy: PrivacyConfig, history: list, epoch
     )
 
     q, steps = dpsgd_steps_per_round(node.num_examples, node.settings.batch_size, epochs)
-    eps = accountant_epsilon(
-        [*history, (privacy.noise_multiplier, q, steps)], privacy.delta, privacy.accountant
-    )
+    eps = accountant_epsilon([*history, (sigma, q, steps)], privacy.delta, privacy.accountant)
     if eps > privacy.target_epsilon:
         raise PrivacyError(
             f"client {node.cid}: {epochs} more DP-SGD epochs would raise epsilon to {eps:.3g} "
@@ -119,21 +122,23 @@ def _check_budget(node: ClientNode, privacy: PrivacyConfig, history: list, epoch
         )
 
 
-def dp_train(node: ClientNode, *, epochs: int) -> dict[str, Any]:
+def dp_train(node: ClientNode, *, epochs: int, params: Any = None) -> dict[str, Any]:
     """``epochs`` of DP-SGD cross-entropy on the client's private data, under the node's
-    own (locked) privacy settings and its runtime-kept accountant history.
+    own (locked) privacy settings, the mechanism's ``params`` (``noise_multiplier``,
+    ``max_grad_norm``; default: those the node's settings configure) and the
+    runtime-kept accountant history.
 
     Refuses, before touching the data, steps past the budget and a student or optimizer
     that anything but Opacus could watch (:func:`fedkd.privacy.guard.check_untampered`).
     """
     try:
-        return _dp_steps(node, epochs)
+        return _dp_steps(node, epochs, params)
     except BaseException as err:
         traceback.clear_frames(err.__traceback__)  # no private batch stays reachable from it
         raise
 
 
-def _dp_steps(node: ClientNode, epochs: int) -> dict[str, Any]:
+def _dp_steps(node: ClientNode, epochs: int, params: Any) -> dict[str, Any]:
     """The checks, then Opacus wraps the student, trains ``epochs`` and is removed; the
     steps taken are accounted even if training fails part-way."""
     from fedkd.privacy import guard
@@ -141,8 +146,12 @@ def _dp_steps(node: ClientNode, epochs: int) -> dict[str, Any]:
     privacy = node.privacy
     if privacy is None or privacy.mechanism != "dpsgd":
         raise ValueError("dp_train needs a node under privacy.mechanism = 'dpsgd'")
+    if params is None:
+        from fedkd.privacy.mechanism import make_mechanism
+
+        params = make_mechanism(privacy).params
     history = list(guard.stored(node, HISTORY_KEY))
-    _check_budget(node, privacy, history, epochs)
+    _check_budget(node, privacy, params.noise_multiplier, history, epochs)
     guard.check_untampered(node)
     from opacus import PrivacyEngine
 
@@ -154,44 +163,21 @@ def _dp_steps(node: ClientNode, epochs: int) -> dict[str, Any]:
     loader = DataLoader(
         TensorDataset(*node.private_data()), batch_size=node.settings.batch_size, shuffle=False
     )
-    # keyed by the steps taken so far too: two calls in one round never share noise
-    noise = None
-    if not privacy.secure_noise:
-        noise = torch_generator(node.seed, "dpsgd", node.round, node.cid, prior_steps)
-        if node.device.type != "cpu":
-            noise = torch.Generator(device=node.device).manual_seed(int(noise.initial_seed()))
+    noise = _noise_generator(node, privacy, prior_steps)
     model, optimizer, private_loader = engine.make_private(
         module=node.model,
         optimizer=node.optimizer,
         data_loader=loader,
-        noise_multiplier=privacy.noise_multiplier,
-        max_grad_norm=privacy.max_grad_norm,
+        noise_multiplier=params.noise_multiplier,
+        max_grad_norm=params.max_grad_norm,
         poisson_sampling=True,
         noise_generator=noise,
     )
-    total, steps = 0.0, 0
     recipe = node.recipe  # rate schedule and label smoothing (clipping is DP-SGD's own)
     augment = node.augmenter()  # per-sample transforms: the accounting is unchanged
-    planned = epochs * len(private_loader)  # expected steps: the step clock's length
     model.train()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for epoch in range(epochs):
-                for x, y in private_loader:
-                    recipe.set_lr(optimizer, epoch=epoch, epochs=epochs, step=steps, steps=planned)
-                    optimizer.zero_grad(set_to_none=True)
-                    out = model(x if augment is None or not len(x) else augment(x))
-                    # Poisson sampling can draw an empty batch: still a (noise-only) step
-                    loss = (
-                        F.cross_entropy(out, y, label_smoothing=recipe.label_smoothing)
-                        if len(y)
-                        else out.sum() * 0.0
-                    )
-                    loss.backward()
-                    optimizer.step()
-                    total += loss.item()
-                    steps += 1
+        total, steps = _dp_epochs(model, optimizer, private_loader, epochs, recipe, augment)
     finally:
         model.cleanup()  # remove Opacus' hooks: node.model is a plain module again
         for p in node.model.parameters():
@@ -202,3 +188,47 @@ def _dp_steps(node: ClientNode, epochs: int) -> dict[str, Any]:
         guard.store(node, "dp_ran", True)
         node.state[HISTORY_KEY] = list(history)
     return {"ce": total / max(steps, 1), "dp_steps_round": float(steps)}
+
+
+def _noise_generator(
+    node: ClientNode, privacy: PrivacyConfig, prior_steps: int
+) -> torch.Generator | None:
+    """The seeded generator of the DP noise on the node's device (None: secure noise)."""
+    # keyed by the steps taken so far too: two calls in one round never share noise
+    noise = None
+    if not privacy.secure_noise:
+        noise = torch_generator(node.seed, "dpsgd", node.round, node.cid, prior_steps)
+        if node.device.type != "cpu":
+            noise = torch.Generator(device=node.device).manual_seed(int(noise.initial_seed()))
+    return noise
+
+
+def _dp_epochs(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    private_loader: DataLoader,
+    epochs: int,
+    recipe: Recipe,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[float, int]:
+    """``epochs`` of DP-SGD cross-entropy with Opacus' model and optimizer: (summed loss, steps)."""
+    total, steps = 0.0, 0
+    planned = epochs * len(private_loader)  # expected steps: the step clock's length
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for epoch in range(epochs):
+            for x, y in private_loader:
+                recipe.set_lr(optimizer, epoch=epoch, epochs=epochs, step=steps, steps=planned)
+                optimizer.zero_grad(set_to_none=True)
+                out = model(x if augment is None or not len(x) else augment(x))
+                # Poisson sampling can draw an empty batch: still a (noise-only) step
+                loss = (
+                    F.cross_entropy(out, y, label_smoothing=recipe.label_smoothing)
+                    if len(y)
+                    else out.sum() * 0.0
+                )
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+                steps += 1
+    return total, steps

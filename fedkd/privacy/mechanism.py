@@ -10,9 +10,11 @@ user's own class selected by import path (``privacy.mechanism =
   ``"aggregate"`` (the server's aggregate, :meth:`Mechanism.aggregate`), or
   ``"none"``. (``"votes"``: a strategy that is itself the mechanism, such as PATE's
   GNMax, declares ``ServerStrategy.own_mechanism`` and charges the ledger itself.)
-* **its parameters**: the flat ``[privacy]`` keys built-ins read (the short form), and
-  for a plug-in its own table ``[privacy.params]``, checked against its ``Params``
-  dataclass when the config loads (an error names ``privacy.params.<field>``);
+* **its parameters**: its own table ``[privacy.params]``, checked against its
+  ``Params`` dataclass when the config loads (an error names
+  ``privacy.params.<field>``); a mechanism may also take some of them as flat
+  ``[privacy]`` keys (:attr:`Mechanism.short_form`: the built-ins' ``clip``,
+  ``noise_multiplier``, ...), and setting one both ways is refused;
 * **what it spends**: :meth:`Mechanism.charge` after each round and
   :meth:`Mechanism.epsilon` per client (by default through Opacus' accountant from
   :meth:`Mechanism.history`), which :class:`~fedkd.privacy.accounting.PrivacyLedger`
@@ -33,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -42,12 +45,15 @@ from fedkd.registry import Registry
 if TYPE_CHECKING:
     import torch
 
+    from fedkd.client_node import ClientNode
     from fedkd.config import Config
     from fedkd.data import FederatedData
     from fedkd.payloads import Payload
     from fedkd.privacy.accounting import History, PrivacyLedger
     from fedkd.privacy.noise import NoiseSource
-    from fedkd.strategy import ClientNode
+
+#: the flat [privacy] keys' defaults (a short-form key counts as set when it differs)
+_FLAT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PrivacyConfig)}
 
 #: the stages a mechanism may act on
 STAGES = ("none", "training", "upload", "aggregate", "votes")
@@ -64,6 +70,9 @@ class Mechanism:
 
     #: the mechanism's own parameters (``[privacy.params]``), a dataclass; None: none
     Params: ClassVar[type | None] = None
+    #: fields of ``Params`` that may also be set as flat ``[privacy]`` keys of the same
+    #: name (the short form), e.g. ``privacy.clip`` for ``privacy.params.clip``
+    short_form: ClassVar[tuple[str, ...]] = ()
     #: where it acts: one of :data:`STAGES`; an instance may refine it between "upload" and
     #: "aggregate" (client_gaussian's mode), but "training" is declared on the class
     acts_on: str = "none"
@@ -76,20 +85,28 @@ class Mechanism:
 
     def __init__(self, privacy: PrivacyConfig) -> None:
         self.privacy = privacy
-        self.params = self.parse_params(privacy.params)
+        self.params = self.parse_params(privacy)
 
     # --- configuration ---------------------------------------------------------------
 
     @classmethod
-    def parse_params(cls, values: dict[str, Any], path: str = "params") -> Any:
-        """``[privacy.params]`` as this mechanism's ``Params`` (ConfigError names the field)."""
+    def parse_params(cls, privacy: PrivacyConfig, path: str = "params") -> Any:
+        """``[privacy.params]``, with the flat keys of :attr:`short_form`, as this
+        mechanism's ``Params`` (a ConfigError names the field)."""
+        values = dict(privacy.params)
+        for key in cls.short_form:
+            flat = getattr(privacy, key)
+            if key in values and flat != _FLAT_DEFAULTS[key]:
+                raise ConfigError(
+                    f"{path}.{key}",
+                    f"set both as privacy.{key} and privacy.{path}.{key}; keep one",
+                )
+            values.setdefault(key, flat)
         if cls.Params is None:
             if values:
                 key = next(iter(values))
                 raise ConfigError(
-                    f"{path}.{key}",
-                    "unknown parameter: this mechanism takes no [privacy.params] table "
-                    "(the built-ins read the flat [privacy] keys)",
+                    f"{path}.{key}", "unknown parameter: this mechanism takes no parameters"
                 )
             return None
         from fedkd.config import from_dict
@@ -134,8 +151,10 @@ class Mechanism:
         """What client ``cid`` uploads in round ``rnd`` (upload-time mechanisms)."""
         return payload
 
-    def report(self, node: ClientNode, metrics: dict[str, float]) -> None:
-        """Add the client's privacy metrics of the round (e.g. DP-SGD steps, epsilon)."""
+    def report(self, node: ClientNode) -> dict[str, float]:
+        """The client's privacy metrics of the round (e.g. DP-SGD steps, epsilon), added to
+        its metrics. Default: none."""
+        return {}
 
     @property
     def hides_payloads(self) -> bool:

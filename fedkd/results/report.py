@@ -50,7 +50,6 @@ def progress_line(record: RoundRecord, rounds: int) -> str:
 
 def summary_table(summary: RunSummary) -> str:
     """The end-of-run comparison as plain text; the last line is the outcome."""
-    f = summary.final
     lines = [
         f"fedkd run {summary.name!r}: {summary.rounds_completed}/{summary.rounds} rounds, "
         f"strategy {summary.strategy}, {summary.clients} clients, {summary.data}",
@@ -58,6 +57,34 @@ def summary_table(summary: RunSummary) -> str:
         "",
         f"{'':28}{'mean':>8}{'min':>8}{'max':>8}",
     ]
+    lines += _accuracy_lines(summary)
+    lines += _architecture_lines(summary)
+    lines += _cost_lines(summary)
+    if summary.aggregator != "mean":
+        lines.append(
+            f"aggregator: {summary.aggregator}, applied in {summary.aggregations} aggregation(s)"
+        )
+    if summary.faults:
+        lines.append(f"simulated faults: {summary.faults['describe']}")
+    lines += _privacy_lines(summary)
+    if summary.audit is not None:
+        a = summary.audit
+        lines.append(
+            f"membership audit ({a.attack}): AUC {a.mia_auc:.3f}, "
+            f"advantage {a.mia_advantage:.3f} (mean of {a.clients} clients; 0.5 / 0 = chance)"
+        )
+    if summary.resumed_from is not None:
+        lines.append(f"resumed after round {summary.resumed_from}")
+    if summary.failures.count:
+        lines.append(summary.failures.describe() + " (full tracebacks in errors.log)")
+    lines.append(f"status: {summary.status}")
+    return "\n".join(lines) + "\n"
+
+
+def _accuracy_lines(summary: RunSummary) -> list[str]:
+    """The final accuracies: students, baselines, gain, teacher or server model."""
+    f = summary.final
+    lines: list[str] = []
     rows = (
         ("students, federated", f.students),
         ("  on own distribution", f.students_own),
@@ -77,7 +104,12 @@ def summary_table(summary: RunSummary) -> str:
         lines.append(f"{'teacher':28}{_pct(f.teacher):>8}")
     elif f.server_model is not None:
         lines.append(f"{'server model(s)':28}{_pct(f.server_model):>8}")
-    lines += ["", "per architecture (accuracy: final round, mean over its clients)"]
+    return lines
+
+
+def _architecture_lines(summary: RunSummary) -> list[str]:
+    """The per-architecture table: size, latency and accuracy of each model."""
+    lines = ["", "per architecture (accuracy: final round, mean over its clients)"]
     lines.append(
         f"{'model':24}{'role':9}{'clients':>8}{'params':>9}{'size':>10}"
         f"{'ms/sample':>11}{'accuracy':>10}{'local':>8}{'% teacher':>11}"
@@ -89,8 +121,13 @@ def summary_table(summary: RunSummary) -> str:
             f"{_bytes(a.bytes):>10}{a.latency_ms:>11.3f}{_pct(a.accuracy):>10}"
             f"{_pct(a.local_only_accuracy):>8}{share:>11}"
         )
+    return lines
+
+
+def _cost_lines(summary: RunSummary) -> list[str]:
+    """Bytes sent, time taken, and the bytes until each target accuracy."""
     c, t = summary.communication, summary.timing
-    lines += [
+    lines = [
         "",
         f"communication: {_bytes(c.bytes_up)} up, {_bytes(c.bytes_down)} down in all "
         f"({_bytes(c.bytes_per_round)} per round)"
@@ -107,39 +144,28 @@ def summary_table(summary: RunSummary) -> str:
     for target, hit in c.to_target.items():
         reached = f"round {hit['round']}, after {_bytes(hit['bytes'])}" if hit else "not reached"
         lines.append(f"students' mean at {100 * float(target):g}%: {reached}")
-    if summary.aggregator != "mean":
+    return lines
+
+
+def _privacy_lines(summary: RunSummary) -> list[str]:
+    """The privacy guarantee spent, if the run had a mechanism; else no lines."""
+    if summary.privacy is None:
+        return []
+    p = summary.privacy
+    eps = list(p.clients.values()) or [p.epsilon]
+    lines = [
+        f"privacy: {p.mechanism}, {p.unit}: epsilon {p.epsilon:.3g} at "
+        f"delta {p.delta:g} ({p.accountant} accountant; per client "
+        f"{min(eps):.3g}-{max(eps):.3g})"
+    ]
+    if p.epsilon_data_dependent is not None:
         lines.append(
-            f"aggregator: {summary.aggregator}, applied in {summary.aggregations} aggregation(s)"
+            f"  data-dependent RDP (Papernot et al. 2018): epsilon "
+            f"{p.epsilon_data_dependent:.3g} at delta {p.delta:g}; it depends on the private "
+            "data, so it is not itself DP (no smooth-sensitivity release); the budget "
+            "and the epsilon above are the data-independent bound"
         )
-    if summary.faults:
-        lines.append(f"simulated faults: {summary.faults['describe']}")
-    if summary.privacy is not None:
-        p = summary.privacy
-        eps = list(p.clients.values()) or [p.epsilon]
-        lines.append(
-            f"privacy: {p.mechanism}, {p.unit}: epsilon {p.epsilon:.3g} at "
-            f"delta {p.delta:g} ({p.accountant} accountant; per client "
-            f"{min(eps):.3g}-{max(eps):.3g})"
-        )
-        if p.epsilon_data_dependent is not None:
-            lines.append(
-                f"  data-dependent RDP (Papernot et al. 2018): epsilon "
-                f"{p.epsilon_data_dependent:.3g} at delta {p.delta:g}; it depends on the private "
-                "data, so it is not itself DP (no smooth-sensitivity release); the budget "
-                "and the epsilon above are the data-independent bound"
-            )
-    if summary.audit is not None:
-        a = summary.audit
-        lines.append(
-            f"membership audit ({a.attack}): AUC {a.mia_auc:.3f}, "
-            f"advantage {a.mia_advantage:.3f} (mean of {a.clients} clients; 0.5 / 0 = chance)"
-        )
-    if summary.resumed_from is not None:
-        lines.append(f"resumed after round {summary.resumed_from}")
-    if summary.failures.count:
-        lines.append(summary.failures.describe() + " (full tracebacks in errors.log)")
-    lines.append(f"status: {summary.status}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _secs(x: float | None, digits: int = 1) -> str:

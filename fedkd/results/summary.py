@@ -175,28 +175,17 @@ def summarize(
 ) -> RunSummary:
     """The end-of-run summary (written to summary.json and printed as a table)."""
     from fedkd.assignment import student_spec
-    from fedkd.faults import byzantine_clients
 
     model_of = {cid: str(student_spec(config, cid)) for cid in range(config.clients.count)}
-    fed, local = final_accuracies(records), final_accuracies(baseline)
-    for cid in byzantine_clients(config):  # the baseline runs them honestly: compare like for like
-        local.pop(cid, None)
+    fed, local = final_accuracies(records), _local_accuracies(config, baseline)
     server_acc = next(
         (r.server_accuracy for r in reversed(records) if r.server_accuracy is not None), None
     )
     # the architecture table compares students with the teacher only where there is one
     teacher_acc = server_acc if uses_teacher else None
     students, local_stats = Stats.of(fed.values()), Stats.of(local.values())
-    others = {}
-    for name, runs in (baselines or {}).items():
-        stats = Stats.of(final_accuracies(runs).values())
-        if stats is not None:
-            others[name] = stats
+    others = _baseline_stats(baselines or {})
     gain = 100 * (students.mean - local_stats.mean) if students and local_stats else None
-    up = sum(r.bytes_up for r in records)
-    down = sum(r.bytes_down for r in records)
-    fedavg = _fedavg_bytes(records, model_of, profiles)
-    n = max(len(records), 1)
     d = config.data
     return RunSummary(
         name=config.name,
@@ -219,15 +208,7 @@ def summarize(
             Stats.of(final_metric(records, "own_accuracy").values()),
         ),
         architectures=tuple(_architectures(config, model_of, profiles, fed, local, teacher_acc)),
-        communication=Communication(
-            bytes_up=up,
-            bytes_down=down,
-            bytes_per_round=(up + down) / n,
-            fedavg_bytes=fedavg,
-            fedavg_bytes_per_round=fedavg / n,
-            share_of_fedavg=(up + down) / fedavg if fedavg else None,
-            to_target=to_targets(records, config.targets),
-        ),
+        communication=_communication(config, records, model_of, profiles),
         timing=timing,
         failures=Failures.of(records),
         privacy=records[-1].privacy if records else None,
@@ -236,4 +217,46 @@ def summarize(
         aggregations=aggregations,
         faults=_faults(config, records),
         resumed_from=resumed_from,
+    )
+
+
+def _local_accuracies(config: Config, baseline: Sequence[RoundRecord]) -> dict[int, float]:
+    """The local-only baseline's final accuracies, without the run's Byzantine clients."""
+    from fedkd.faults import byzantine_clients
+
+    local = final_accuracies(baseline)
+    for cid in byzantine_clients(config):  # the baseline runs them honestly: compare like for like
+        local.pop(cid, None)
+    return local
+
+
+def _baseline_stats(baselines: Mapping[str, Sequence[RoundRecord]]) -> dict[str, Stats]:
+    """Each other baseline's final accuracies across clients (those with any)."""
+    others: dict[str, Stats] = {}
+    for name, runs in baselines.items():
+        stats = Stats.of(final_accuracies(runs).values())
+        if stats is not None:
+            others[name] = stats
+    return others
+
+
+def _communication(
+    config: Config,
+    records: Sequence[RoundRecord],
+    model_of: dict[int, str],
+    profiles: dict[str, dict[str, Any]],
+) -> Communication:
+    """Bytes sent in all and per round, against FedAvg's, and until each target."""
+    up = sum(r.bytes_up for r in records)
+    down = sum(r.bytes_down for r in records)
+    fedavg = _fedavg_bytes(records, model_of, profiles)
+    n = max(len(records), 1)
+    return Communication(
+        bytes_up=up,
+        bytes_down=down,
+        bytes_per_round=(up + down) / n,
+        fedavg_bytes=fedavg,
+        fedavg_bytes_per_round=fedavg / n,
+        share_of_fedavg=(up + down) / fedavg if fedavg else None,
+        to_target=to_targets(records, config.targets),
     )

@@ -1,9 +1,10 @@
 """Client-level Gaussian mechanism on shared payloads (``privacy.mechanism =
-"client_gaussian"``): each client's payload clipped to L2 norm ``privacy.clip``, with
+"client_gaussian"``): each client's payload clipped to L2 norm ``clip``, with
 Gaussian noise added at the server to the mean (``mode = "central"``, acts on the
 aggregate) or by each client before upload (``mode = "local"``, acts on the upload).
-The maths is in :mod:`fedkd.privacy.release`. Keys: ``mode``, ``clip``,
-``noise_multiplier``.
+The maths is in :mod:`fedkd.privacy.release`. Parameters (:class:`ClientGaussianParams`):
+``mode``, ``clip``, ``noise_multiplier``, in ``[privacy.params]`` or as the flat
+``privacy.<key>`` short form.
 
 Accounting: one Gaussian release (sensitivity-normalised noise ``noise_multiplier``,
 sample rate 1) per participation, composed by Opacus' accountant; no amplification by
@@ -12,6 +13,7 @@ client sampling (the sample is drawn from the run seed).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedkd.config import ConfigError, PrivacyConfig
@@ -26,14 +28,32 @@ if TYPE_CHECKING:
     from fedkd.privacy.noise import NoiseSource
 
 
+@dataclass(frozen=True)
+class ClientGaussianParams:
+    """``[privacy.params]`` of client_gaussian (or the flat ``privacy.<key>`` short form)."""
+
+    mode: str = "central"  # central (the server adds noise) | local (each client does)
+    clip: float = 1.0  # L2 bound C on each client's payload per round
+    noise_multiplier: float = 1.0  # sigma: noise std / sensitivity
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("central", "local"):
+            raise ValueError(f"mode must be central or local, got {self.mode!r}")
+        if not (self.clip > 0 and self.noise_multiplier > 0):
+            raise ValueError("clip and noise_multiplier must be > 0")
+
+
 @MECHANISMS.register("client_gaussian")
 class ClientGaussian(Mechanism):
     """Clip each client's payload, add Gaussian noise centrally or locally."""
 
+    Params = ClientGaussianParams
+    short_form = ("mode", "clip", "noise_multiplier")
+
     def __init__(self, privacy: PrivacyConfig) -> None:
         super().__init__(privacy)
-        self.acts_on = "aggregate" if privacy.mode == "central" else "upload"
-        self.unit = f"client-level ({privacy.mode} Gaussian on shared payloads)"
+        self.acts_on = "aggregate" if self.params.mode == "central" else "upload"
+        self.unit = f"client-level ({self.params.mode} Gaussian on shared payloads)"
 
     def check_config(self, config: Config, strategy: Any) -> None:
         bad = [t for t in strategy.accepts if not issubclass(t, tuple(FIELDS))]
@@ -61,7 +81,7 @@ class ClientGaussian(Mechanism):
     def release(self, payload: Payload, *, noise: NoiseSource, rnd: int, cid: int) -> Payload:
         if self.acts_on != "upload":
             return payload
-        p = self.privacy
+        p = self.params
         return local_release(payload, p.clip, p.noise_multiplier, noise, rnd, cid)
 
     def aggregate(
@@ -69,11 +89,11 @@ class ClientGaussian(Mechanism):
     ) -> dict[int, Payload]:
         if self.acts_on != "aggregate" or not payloads:
             return payloads
-        p = self.privacy
+        p = self.params
         return {-1: central_mean(payloads, p.clip, p.noise_multiplier, noise, rnd, sampled)}
 
     def history(self, ledger: PrivacyLedger, cid: int, extra_round: bool) -> History:
-        sigma = self.privacy.noise_multiplier
+        sigma = self.params.noise_multiplier
         return [*ledger.per_client.get(cid, []), *([(sigma, 1.0, 1)] if extra_round else [])]
 
     def charge(
