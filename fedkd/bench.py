@@ -1,9 +1,11 @@
 """Benchmark: fedkd (Flower + Ray) against a plain single-process PyTorch loop.
 
 Both sides do the same work: the same data, student and teacher models, seeds,
-epochs and batches of the ``kd`` strategy. The plain loop keeps every model in
-memory and calls the training functions directly: no Flower, no Ray, no
-serialisation. Each side runs in a fresh process, one after the other
+epochs and batches of the ``kd`` strategy, and the same evaluation (each student's
+test accuracy and loss and own-distribution accuracy, the teacher's test accuracy;
+the membership audit on both sides with ``--audit``, else on neither). The plain
+loop keeps every model in memory and calls the training functions directly: no
+Flower, no Ray, no serialisation. Each side runs in a fresh process, one after the other
 (interleaved when repeated), and we report start-up (process start to the first
 round), the median seconds per round, and their ratio. The plain loop also checks
 that it reproduces fedkd's accuracies exactly.
@@ -23,89 +25,149 @@ import time
 from pathlib import Path
 from typing import Any
 
+#: the strategy the plain loop writes out by hand (both sides run it)
+MIRRORED = "kd"
+
+#: what each side does per round, printed with the figures
+WORK = (
+    "both sides: strategy {strategy}, the same data, models, seeds, epochs and batches; "
+    "per client: local training with KD, public logits, test accuracy and loss, "
+    "own-distribution accuracy{audit}; server: teacher distillation, teacher test accuracy"
+)
+
 
 def plain_loop(overrides: list[str], started: float) -> dict[str, Any]:
-    """The reference: the kd strategy's rounds written as one plain PyTorch loop."""
-    import numpy as np
+    """The reference: the kd strategy's rounds written as one plain PyTorch loop, with
+    the same evaluation as fedkd's runtime (and its membership audit where it is on)."""
     import torch
 
-    from fedkd.assignment import student_spec
     from fedkd.config import load_config
     from fedkd.data import prepare_federated_data
-    from fedkd.losses import SoftKL
-    from fedkd.models import build_model
-    from fedkd.seeding import derive_seed, torch_generator
-    from fedkd.training import (
-        KDTargets,
-        distill,
-        evaluate,
-        make_optimizer,
-        predict_logits,
-        to_tensor,
-        train_supervised,
-    )
 
     cfg = load_config(None, overrides)
-    if cfg.strategy.name != "kd" or cfg.server.public_subset or cfg.clients.fraction < 1:
-        raise SystemExit("the plain loop mirrors strategy 'kd' on the full public set only")
-    p = cfg.strategy.params
-    temperature, kd_weight = p.get("temperature", 3.0), p.get("kd_weight", 0.5)
+    if cfg.server.public_subset or cfg.clients.fraction < 1:
+        raise SystemExit("the plain loop mirrors the full public set and every client")
     torch.set_num_threads(cfg.simulation.threads)
     data, _ = prepare_federated_data(cfg)
-    shape, classes = data.input_shape, data.num_classes
-    public_x, test_x, test_y = (to_tensor(a) for a in (data.public_x, data.test_x, data.test_y))
-    clients = []
-    for cid in range(cfg.clients.count):
-        model = build_model(
-            student_spec(cfg, cid), shape, classes, derive_seed(cfg.seed, "student", cid)
-        )
-        part = data.client(cid)
-        opt = make_optimizer(cfg.clients.optimizer, model, cfg.clients.lr)
-        clients.append((model, opt, to_tensor(part.x), to_tensor(part.y)))
-    teacher = build_model(cfg.server.teacher, shape, classes, derive_seed(cfg.seed, "teacher"))
-    teacher_opt = make_optimizer(cfg.server.optimizer, teacher, cfg.server.lr)
-    loss = SoftKL(temperature)
+    world = _PlainWorld.build(cfg, data)
     targets = None
     seconds, accuracies = [], []
     first_round_at = time.time()
     for rnd in range(1, cfg.rounds + 1):
         start = time.perf_counter()
+        targets, accs = world.round(rnd, targets)
+        seconds.append(time.perf_counter() - start)
+        accuracies.append(accs)
+    return {"startup_s": first_round_at - started, "round_s": seconds, "accuracies": accuracies}
+
+
+class _PlainWorld:
+    """Every model of the plain loop in memory, and one round of the kd strategy."""
+
+    def __init__(self, cfg: Any, data: Any, clients: list, teacher: Any, teacher_opt: Any):
+        from fedkd.losses import SoftKL
+        from fedkd.training import to_tensor
+
+        self.cfg, self.data, self.clients = cfg, data, clients
+        self.teacher, self.teacher_opt = teacher, teacher_opt
+        self.public_x, self.test_x, self.test_y = (
+            to_tensor(a) for a in (data.public_x, data.test_x, data.test_y)
+        )
+        p = cfg.strategy.params
+        self.kd_weight = p.get("kd_weight", 0.5)
+        self.loss = SoftKL(p.get("temperature", 3.0))
+
+    @classmethod
+    def build(cls, cfg: Any, data: Any) -> _PlainWorld:
+        """Students, optimizers and private data per client, and the teacher, seeded as
+        fedkd seeds them."""
+        from fedkd.assignment import student_spec
+        from fedkd.models import build_model
+        from fedkd.seeding import derive_seed
+        from fedkd.training import make_optimizer, to_tensor
+
+        shape, classes = data.input_shape, data.num_classes
+        clients = []
+        for cid in range(cfg.clients.count):
+            spec = student_spec(cfg, cid)
+            model = build_model(spec, shape, classes, derive_seed(cfg.seed, "student", cid))
+            part = data.client(cid)
+            opt = make_optimizer(cfg.clients.optimizer, model, cfg.clients.lr)
+            clients.append((model, opt, to_tensor(part.x), to_tensor(part.y)))
+        teacher = build_model(cfg.server.teacher, shape, classes, derive_seed(cfg.seed, "teacher"))
+        return cls(
+            cfg,
+            data,
+            clients,
+            teacher,
+            make_optimizer(cfg.server.optimizer, teacher, cfg.server.lr),
+        )
+
+    def round(self, rnd: int, targets: Any) -> tuple[Any, list[float]]:
+        """One round: every client trains and is evaluated, the teacher distills the mean
+        of their public logits; returns the next targets and the students' accuracies."""
+        import numpy as np
+        import torch
+
+        from fedkd.seeding import derive_seed, torch_generator
+        from fedkd.training import KDTargets, distill, evaluate, predict_logits
+
+        cfg = self.cfg
         logits, accs = [], []
-        for cid, (model, opt, x, y) in enumerate(clients):
+        for cid, client in enumerate(self.clients):
             torch.manual_seed(derive_seed(cfg.seed, "client-global", rnd, cid))
-            train_supervised(
-                model,
-                opt,
-                x,
-                y,
-                epochs=cfg.clients.local_epochs,
-                batch_size=cfg.clients.batch_size,
-                generator=torch_generator(cfg.seed, "client", rnd, cid),
-                kd=None if targets is None else KDTargets(public_x, targets, loss),
-                kd_weight=kd_weight,
-            )
-            logits.append(predict_logits(model, public_x))
-            accs.append(evaluate(model, test_x, test_y)["accuracy"])
+            logits.append(self._client(rnd, cid, client, targets))
+            accs.append(self._evaluate(client))
         torch.manual_seed(derive_seed(cfg.seed, "server-global", rnd))
         stacked = np.stack([t.numpy() for t in logits]).astype(np.float64)
         weights = np.full(len(logits), 1.0 / len(logits))  # the same float maths as Logits.mean
         mean = torch.from_numpy(np.tensordot(weights, stacked, axes=1).astype(np.float32))
         distill(
-            teacher,
-            teacher_opt,
-            KDTargets(public_x, mean, loss),
+            self.teacher,
+            self.teacher_opt,
+            KDTargets(self.public_x, mean, self.loss),
             epochs=cfg.server.epochs,
             batch_size=cfg.server.batch_size,
             generator=torch_generator(cfg.seed, "server", rnd),
         )
-        targets = predict_logits(teacher, public_x)
-        seconds.append(time.perf_counter() - start)
-        accuracies.append(accs)
-    return {
-        "startup_s": first_round_at - started,
-        "round_s": seconds,
-        "accuracies": accuracies,
-    }
+        evaluate(self.teacher, self.test_x, self.test_y)  # fedkd reports the teacher too
+        return predict_logits(self.teacher, self.public_x), accs
+
+    def _client(self, rnd: int, cid: int, client: tuple, targets: Any) -> Any:
+        """Local training with KD towards ``targets``; the student's public logits."""
+        from fedkd.seeding import torch_generator
+        from fedkd.training import KDTargets, predict_logits, train_supervised
+
+        model, opt, x, y = client
+        c = self.cfg.clients
+        train_supervised(
+            model,
+            opt,
+            x,
+            y,
+            epochs=c.local_epochs,
+            batch_size=c.batch_size,
+            generator=torch_generator(self.cfg.seed, "client", rnd, cid),
+            kd=None if targets is None else KDTargets(self.public_x, targets, self.loss),
+            kd_weight=self.kd_weight,
+        )
+        return predict_logits(model, self.public_x)
+
+    def _evaluate(self, client: tuple) -> float:
+        """fedkd's per-client evaluation: test accuracy and loss, own-distribution
+        accuracy and, where ``privacy.audit`` is on, the membership audit."""
+        from fedkd.client import label_weighted_accuracy
+        from fedkd.training import logit_metrics, predict_logits
+
+        model, _, x, y = client
+        test_logits = predict_logits(model, self.test_x)
+        metrics = logit_metrics(test_logits, self.test_y)
+        label_weighted_accuracy(test_logits, self.test_y, y, self.data.num_classes)
+        if self.cfg.privacy.audit:
+            from fedkd.privacy.audit import loss_attack
+
+            loss_attack(model, (x, y), (self.test_x, self.test_y))
+        return metrics["accuracy"]
 
 
 def _fedkd_side(overrides: list[str]) -> dict[str, Any]:
@@ -139,20 +201,44 @@ def _plain_side(overrides: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedkd bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of each side")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side")
+    parser.add_argument(
+        "--audit",
+        action="store_true",
+        help="run the membership audit on both sides (default: neither)",
+    )
     parser.add_argument("overrides", nargs="*", help="field=value, applied to both sides")
     args = parser.parse_args(argv)
+    overrides = _both_sides(args.overrides, args.audit)
     from fedkd.config import load_config
     from fedkd.data import prepare_federated_data
 
-    prepare_federated_data(load_config(None, args.overrides))  # both sides start with data cached
+    prepare_federated_data(load_config(None, overrides))  # both sides start with data cached
     fed: list[dict[str, Any]] = []
     plain: list[dict[str, Any]] = []
     for i in range(args.repeats):
         print(f"[{i + 1}/{args.repeats}] fedkd (Flower + Ray)...", flush=True)
-        fed.append(_fedkd_side(args.overrides))
+        fed.append(_fedkd_side(overrides))
         print(f"[{i + 1}/{args.repeats}] plain PyTorch loop...", flush=True)
-        plain.append(_plain_side(args.overrides))
+        plain.append(_plain_side(overrides))
+    return _report(fed, plain, args.audit)
+
+
+def _both_sides(overrides: list[str], audit: bool) -> list[str]:
+    """The user's overrides plus what makes the two sides do the same work: the mirrored
+    strategy, and the membership audit on both or on neither."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in ("strategy", "strategy.name", "privacy.audit"):
+            raise SystemExit(
+                f"fedkd bench: {key} is set by the benchmark (strategy {MIRRORED}; the "
+                "audit with --audit, on both sides)"
+            )
+    return [*overrides, f"strategy={MIRRORED}", f"privacy.audit={str(audit).lower()}"]
+
+
+def _report(fed: list[dict[str, Any]], plain: list[dict[str, Any]], audit: bool) -> int:
+    """Print the medians of both sides and their ratios; 1 if the accuracies differ."""
 
     def med(runs: list[dict[str, Any]], key: str) -> float:
         if key == "round_s":
@@ -164,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         ("start-up (process start to round 1), s", med(fed, "startup_s"), med(plain, "startup_s")),
         ("median seconds per round", med(fed, "round_s"), med(plain, "round_s")),
     ]
+    print(WORK.format(strategy=MIRRORED, audit=", membership audit" if audit else ""))
+    print(f"membership audit: {'on both sides' if audit else 'off on both sides'}; "
+          f"medians over {len(fed)} interleaved runs of each side")  # fmt: skip
     print(f"\n{'':42}{'fedkd':>10}{'plain':>10}{'ratio':>10}")
     for label, a, b in rows:
         print(f"{label:42}{a:>10.2f}{b:>10.2f}{a / b:>10.2f}")

@@ -251,17 +251,25 @@ def own_accuracy(node: ClientNode, logits: torch.Tensor | None = None) -> float:
     the student's on the test set, if already computed. A measurement of the simulator
     (like the membership audit), not a release."""
     _, y = node.private_data()
-    shares = torch.bincount(y.cpu(), minlength=node.num_classes).double()
-    shares = shares / shares.sum().clamp(min=1)
     if logits is None:
         logits = predict_logits(node.model, node.test_x)
+    return label_weighted_accuracy(logits, node.test_y, y, node.num_classes)
+
+
+def label_weighted_accuracy(
+    logits: torch.Tensor, test_y: torch.Tensor, private_y: torch.Tensor, num_classes: int
+) -> float:
+    """Per-class test accuracy of ``logits`` weighted by the label shares of ``private_y``
+    (classes the test set lacks carry no weight; the rest are renormalised)."""
+    shares = torch.bincount(private_y.cpu(), minlength=num_classes).double()
+    shares = shares / shares.sum().clamp(min=1)
     pred = logits.argmax(-1).cpu()
-    test_y = node.test_y.cpu()
-    hits = torch.zeros(node.num_classes, dtype=torch.float64).index_add_(
+    test_y = test_y.cpu()
+    hits = torch.zeros(num_classes, dtype=torch.float64).index_add_(
         0, test_y, (pred == test_y).double()
     )
-    counts = torch.bincount(test_y, minlength=node.num_classes).double()
-    present = counts > 0  # classes the test set lacks carry no weight (renormalised)
+    counts = torch.bincount(test_y, minlength=num_classes).double()
+    present = counts > 0
     per_class = torch.where(present, hits / counts.clamp(min=1), torch.zeros_like(hits))
     weight = shares * present
     return float((weight * per_class).sum() / weight.sum()) if weight.sum() > 0 else 0.0
