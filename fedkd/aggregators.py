@@ -45,7 +45,9 @@ class Aggregator(ABC):
 
 
 AGGREGATORS: Registry[type[Aggregator]] = Registry(
-    "aggregator", check=lambda c: isinstance(c, type) and issubclass(c, Aggregator)
+    "aggregator",
+    check=lambda c: isinstance(c, type) and issubclass(c, Aggregator),
+    group="fedkd.aggregators",
 )
 
 

@@ -199,11 +199,14 @@ def _size(name: str, shape: tuple[int, ...], classes: int) -> str:
     cannot take that input)."""
     from fedkd.config import Spec
     from fedkd.models import build_model
+    from fedkd.registry import UnknownNameError
 
     try:
         model = build_model(Spec(name), shape, classes, seed=0)
     except (ValueError, TypeError, RuntimeError):
         return "n/a"
+    except UnknownNameError:  # e.g. an installed model entry point that does not load
+        return "broken"
     return f"{sum(p.numel() for p in model.parameters()):,}"
 
 

@@ -12,7 +12,9 @@ from torch import nn
 from fedkd.registry import Registry
 
 KD_LOSSES: Registry[type[nn.Module]] = Registry(
-    "kd loss", check=lambda c: isinstance(c, type) and issubclass(c, nn.Module)
+    "kd loss",
+    check=lambda c: isinstance(c, type) and issubclass(c, nn.Module),
+    group="fedkd.kd_losses",
 )
 
 

@@ -44,7 +44,9 @@ from fedkd.config import Spec
 from fedkd.registry import Registry, bind_params
 
 ModelFn = Callable[..., nn.Module]
-MODELS: Registry[ModelFn] = Registry("model", check=callable, autoload="fedkd.zoo")
+MODELS: Registry[ModelFn] = Registry(
+    "model", check=callable, autoload="fedkd.zoo", group="fedkd.models"
+)
 
 
 # --- features ------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class Payload(ABC):
 PAYLOADS: Registry[type[Payload]] = Registry(
     "payload",  # a payload class must name its ``kind`` (what the wire calls it)
     check=lambda c: isinstance(c, type) and issubclass(c, Payload) and bool(getattr(c, "kind", "")),
+    group="fedkd.payloads",
 )
 
 

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from fedkd.config import ClientsConfig, Config, ServerConfig
 
 ScheduleFn = Callable[..., float]
-SCHEDULES: Registry[ScheduleFn] = Registry("schedule", check=callable)
+SCHEDULES: Registry[ScheduleFn] = Registry("schedule", check=callable, group="fedkd.schedules")
 
 #: what a schedule's ``t`` counts (see the module doc)
 CLOCKS = ("round", "epoch", "step")
@@ -63,7 +63,9 @@ _RUNTIME = ("t", "total")
 
 
 OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry(
-    "optimizer", check=lambda c: isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+    "optimizer",
+    check=lambda c: isinstance(c, type) and issubclass(c, torch.optim.Optimizer),
+    group="fedkd.optimizers",
 )
 OPTIMIZERS.register("adam")(torch.optim.Adam)
 OPTIMIZERS.register("adamw")(torch.optim.AdamW)

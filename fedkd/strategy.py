@@ -250,8 +250,14 @@ def _is_subclass_of(base: type) -> Any:
 
 
 CLIENT_STRATEGIES: Registry[type[ClientStrategy]] = Registry(
-    "client strategy", check=_is_subclass_of(ClientStrategy), autoload="strategies"
+    "client strategy",
+    check=_is_subclass_of(ClientStrategy),
+    autoload="strategies",
+    group="fedkd.client_strategies",
 )
 SERVER_STRATEGIES: Registry[type[ServerStrategy]] = Registry(
-    "strategy", check=_is_subclass_of(ServerStrategy), autoload="strategies"
+    "strategy",
+    check=_is_subclass_of(ServerStrategy),
+    autoload="strategies",
+    group="fedkd.strategies",
 )

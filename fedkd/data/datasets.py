@@ -42,7 +42,7 @@ class Pool:
 
 
 DatasetFn = Callable[..., Pool]
-DATASETS: Registry[DatasetFn] = Registry("dataset", check=callable)
+DATASETS: Registry[DatasetFn] = Registry("dataset", check=callable, group="fedkd.datasets")
 
 
 @DATASETS.register("mnist1d")

@@ -30,7 +30,9 @@ from fedkd.config import ConfigError
 from fedkd.registry import Registry
 
 PartitionFn = Callable[..., list[np.ndarray]]
-PARTITIONERS: Registry[PartitionFn] = Registry("partitioner", check=callable)
+PARTITIONERS: Registry[PartitionFn] = Registry(
+    "partitioner", check=callable, group="fedkd.partitioners"
+)
 
 log = logging.getLogger("fedkd")
 

@@ -115,7 +115,7 @@ def _is_loss(obj: object) -> bool:
     return isinstance(obj, type) and issubclass(obj, KDLoss)
 
 
-LOSSES: Registry[type[KDLoss]] = Registry("kd loss", check=_is_loss)
+LOSSES: Registry[type[KDLoss]] = Registry("kd loss", check=_is_loss, group="fedkd.losses")
 
 
 def shape_of(dims: Dims, key: str, side: str, loss: str) -> tuple[int, ...]:

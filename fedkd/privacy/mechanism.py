@@ -195,7 +195,10 @@ def _is_mechanism(obj: Any) -> bool:
 
 
 MECHANISMS: Registry[type[Mechanism]] = Registry(
-    "privacy mechanism", _is_mechanism, autoload="fedkd.privacy.mechanisms"
+    "privacy mechanism",
+    _is_mechanism,
+    autoload="fedkd.privacy.mechanisms",
+    group="fedkd.mechanisms",
 )
 
 
