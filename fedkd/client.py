@@ -187,9 +187,15 @@ class ClientRuntime:
         return RoutedLoss.from_config(specs, path, seed=seed, state=extra.get(LOSSES_KEY))
 
     def train(
-        self, cid: int, rnd: int, targets: Payload | None, public_idx: np.ndarray
+        self,
+        cid: int,
+        rnd: int,
+        targets: Payload | None,
+        public_idx: np.ndarray,
+        store: StateStore | None = None,
     ) -> TrainReply:
-        """One round for client ``cid``: restore, train, predict, release, evaluate, save."""
+        """One round for client ``cid``: restore, train, predict, release, evaluate, save
+        (in ``store``, default the runtime's: e.g. the state a message carries)."""
         start = time.perf_counter()
         cfg = self.config
         if not 0 <= cid < cfg.clients.count:
@@ -203,7 +209,8 @@ class ClientRuntime:
         torch.manual_seed(derive_seed(cfg.seed, "client-global", rnd, cid))
         cls, params = self._strategies[cid]
         strategy = cls(params)  # a fresh instance each round: no state outside node.state
-        state = self.store.load(cid, rnd)
+        store = self.store if store is None else store
+        state = store.load(cid, rnd)
         node = self._node(cid, rnd, state, strategy)
         if state is None:
             strategy.setup(node)
@@ -217,7 +224,7 @@ class ClientRuntime:
         metrics.update({f"eval_{k}": v for k, v in extra.items()})
         metrics["num_examples"] = float(node.num_examples)
         metrics["seconds"] = time.perf_counter() - start
-        self.store.save(cid, rnd, dump_state(node))
+        store.save(cid, rnd, dump_state(node))
         return TrainReply(cid, payload, metrics)
 
     def _release(self, node: ClientNode, payload: Payload | None) -> Payload | None:
@@ -275,7 +282,7 @@ def label_weighted_accuracy(
     return float((weight * per_class).sum() / weight.sum()) if weight.sum() > 0 else 0.0
 
 
-_RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}
+_RUNTIMES: dict[tuple[str, str, str], ClientRuntime] = {}
 
 
 def get_runtime(config: Config, data_path: str, state_dir: str) -> ClientRuntime:

@@ -396,9 +396,15 @@ class SimulationConfig:
 
     backend: str = "ray"  # Flower's simulation backend (only ray)
     num_cpus: float = 1.0  # Ray CPUs reserved per client
-    num_gpus: float | None = None  # Ray GPUs per client; None = 0.2 if CUDA is present, else 0
+    # Ray GPUs per client (a fraction shares a GPU); None = 0.2 where GPUs are present
+    # (this machine, or the attached cluster) unless device = "cpu", else 0
+    num_gpus: float | None = None
     threads: int = 1  # torch threads per client (one is fastest for small models)
     ray_init_args: dict[str, Any] = field(default_factory=dict)  # passed to ray.init
+    # a running Ray cluster to attach to (see docs/ray_cluster.md): "auto" (the one
+    # `ray start` started on this machine, or $RAY_ADDRESS) or its head's "host:port";
+    # "" starts a private Ray for the run (ignoring $RAY_ADDRESS)
+    ray_address: str = ""
     round_timeout: float = 600.0  # seconds to wait for replies before a round goes on
     verbose: bool = False  # show Flower's and Ray's own logs
 
@@ -410,6 +416,65 @@ class SimulationConfig:
             _positive("num_gpus", self.num_gpus, strict=False)
         _positive("threads", self.threads)
         _positive("round_timeout", self.round_timeout)
+        _check_ray_address("ray_address", self.ray_address)
+        in_args = self.ray_init_args.get("address")
+        if in_args is not None:
+            _check_ray_address("ray_init_args.address", in_args)
+            if self.ray_address and in_args != self.ray_address:
+                raise ConfigError(
+                    "ray_init_args.address",
+                    f"{in_args!r} contradicts ray_address = {self.ray_address!r}; set only one",
+                )
+        if self.cluster_address:
+            given = sorted(set(self.ray_init_args) & set(_LOCAL_ONLY_RAY_ARGS))
+            if given:
+                raise ConfigError(
+                    f"ray_init_args.{given[0]}",
+                    f"cannot be set when attaching to a running cluster ({self.cluster_address}):"
+                    " its nodes declare their resources (ray start --num-cpus/--num-gpus); "
+                    "per-client shares are simulation.num_cpus and simulation.num_gpus",
+                )
+
+    @property
+    def cluster_address(self) -> str:
+        """The Ray cluster the run attaches to (``ray_address``, or ``ray_init_args``'
+        ``address``); "" for a private Ray started for the run."""
+        return self.ray_address or str(self.ray_init_args.get("address") or "")
+
+
+#: ray.init arguments Ray refuses when it connects to a running cluster
+_LOCAL_ONLY_RAY_ARGS = (
+    "num_cpus",
+    "num_gpus",
+    "resources",
+    "labels",
+    "object_store_memory",
+    "_system_config",
+    "_node_name",
+    "_enable_object_reconstruction",
+)
+
+
+def _check_ray_address(path: str, value: Any) -> None:
+    """``value`` is "", "auto" or "host:port" (a Ray cluster's head)."""
+    if not isinstance(value, str):
+        raise ConfigError(path, f"expected a string (auto or host:port), got {value!r}")
+    if value in ("", "auto"):
+        return
+    hint = 'give "auto" or the head node\'s host:port (e.g. "10.0.0.5:6379")'
+    if value.startswith("ray://"):
+        raise ConfigError(
+            path,
+            f"Ray Client addresses ({value!r}) are not supported: run fedkd on a node of the "
+            f"cluster and {hint}",
+        )
+    if value == "local":
+        raise ConfigError(path, f'"local" is spelled "" (a private Ray for the run); or {hint}')
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or any(c.isspace() for c in host) or "/" in value:
+        raise ConfigError(path, f"expected auto or host:port, got {value!r}; {hint}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(path, f"port must be a number in 1..65535, got {port!r} in {value!r}")
 
 
 #: what Byzantine clients can do (see fedkd.faults.attack_payload)

@@ -7,6 +7,13 @@ logits, never public inputs. Each client's student and optimizer persist across
 rounds in the run folder's client-state store (:mod:`fedkd.state_store`), which is
 also what checkpoints and ``fedkd resume`` rely on.
 
+Ray is private to the run, or, with ``simulation.ray_address``, a running cluster
+(docs/ray_cluster.md) whose nodes share no disk with this process: then each
+client's state travels in its messages (the server keeps it in the run folder, sends
+it with a request and stores what the reply brings back), and the run's data file
+goes once through Ray's object store to a copy on each node. The cluster is left
+running; only this process's connection to it ends.
+
 A client's exception is caught in its handler and sent back as one plain line plus
 the traceback, so neither Flower nor Ray prints it; the server logs it once.
 """
@@ -14,14 +21,18 @@ the traceback, so neither Flower nor Ray prints it; the server logs it once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +53,8 @@ from fedkd.federation import (
     StopSignal,
 )
 from fedkd.payloads import Payload
-from fedkd.results.rundir import plain_text
+from fedkd.results.rundir import atomic_write_bytes, plain_text
+from fedkd.state_store import DiskStateStore, StateStore
 from fedkd.wire import arrays_to_record, payload_to_record, record_to_payload
 
 log = logging.getLogger("fedkd")
@@ -71,18 +83,79 @@ class FlowerJob:
     error: RunFailed | None = None
 
 
-def make_client_app(jobs: Sequence[FlowerJob]) -> ClientApp:
+@dataclass(frozen=True)
+class DataFile:
+    """The data file a job's clients load: ``path`` on this machine, or, on a cluster,
+    its bytes in Ray's object store (``ref``), copied once to each node that needs them."""
+
+    path: str
+    digest: str = ""  # of the contents (names the node-local copy)
+    ref: Any = None  # a Ray ObjectRef to the contents; None: read ``path``
+
+    def local_path(self) -> str:
+        """A path to the data on the machine this runs on."""
+        if self.ref is None:
+            return self.path
+        copy = Path(tempfile.gettempdir()) / "fedkd-data" / f"{self.digest}.npz"
+        if not copy.is_file():  # written atomically: a file there is whole
+            import ray
+
+            atomic_write_bytes(copy, ray.get(self.ref))
+        return str(copy)
+
+
+def ship_data(paths: Iterable[str]) -> dict[str, DataFile]:
+    """Put each data file into the object store of the Ray cluster this process is
+    connected to, so clients on nodes without this machine's disk can load it."""
+    import ray
+
+    out: dict[str, DataFile] = {}
+    for path in paths:
+        if path not in out:
+            blob = Path(path).read_bytes()
+            out[path] = DataFile(path, hashlib.sha256(blob).hexdigest()[:32], ray.put(blob))
+    return out
+
+
+class CarriedState:
+    """The state store of one request whose client state travels in the messages:
+    ``load`` gives the state the server sent (its newest from before the round), and
+    ``save`` keeps the new state for the reply."""
+
+    def __init__(self, blob: bytes | None) -> None:
+        self.blob = blob
+        self.saved: bytes | None = None
+
+    def load(self, cid: int, before_round: int) -> bytes | None:
+        return self.blob
+
+    def save(self, cid: int, rnd: int, blob: bytes) -> None:
+        self.saved = blob
+
+
+def make_client_app(
+    jobs: Sequence[FlowerJob], files: dict[str, DataFile] | None = None
+) -> ClientApp:
     """A ClientApp whose node with partition id i acts as client i of whichever job a
     message names (``run``: its index in ``jobs``); client state is kept in the job's
-    ``state_dir`` (see :mod:`fedkd.state_store`)."""
+    ``state_dir`` (see :mod:`fedkd.state_store`), or travels in the messages when they
+    carry it. ``files``: where to load each job's ``data_path`` from (default: itself)."""
     app = ClientApp()
-    runs = [(j.federation.config, j.data_path, j.state_dir) for j in jobs]
+    files = files or {}
+    runs = [
+        (j.federation.config, files.get(j.data_path, DataFile(j.data_path)), j.state_dir)
+        for j in jobs
+    ]
+
+    def runtime_of(run: int) -> Any:
+        config, data, state_dir = runs[run]
+        return get_runtime(config, data.local_path(), state_dir)  # imports user strategies
 
     @app.query("hello")
     def hello(msg: Message, context: Context) -> Message:
         cid = int(context.node_config["partition-id"])
         try:
-            get_runtime(*runs[0]).warm_up()  # imports, data, first step
+            runtime_of(0).warm_up()  # imports, data, first step
         except Exception as err:
             return _error_reply(msg, cid, err)
         return Message(RecordDict({"meta": ConfigRecord({"cid": cid})}), reply_to=msg)
@@ -92,18 +165,22 @@ def make_client_app(jobs: Sequence[FlowerJob]) -> ClientApp:
         cid = int(context.node_config["partition-id"])
         content = msg.content
         try:
-            rnd = int(content.config_records["config"]["round"])
-            run = int(content.config_records["config"].get("run", 0))
+            config = content.config_records["config"]
+            rnd = int(config["round"])
             idx = content.array_records["query"]["public_idx"].numpy()
-            runtime = get_runtime(*runs[run])  # imports user strategies
+            runtime = runtime_of(int(config.get("run", 0)))
             targets = None
             if "targets" in content.array_records:
-                kind = str(content.config_records["config"]["targets_kind"])
+                kind = str(config["targets_kind"])
                 try:
                     targets = record_to_payload(kind, content.array_records["targets"])
                 except Exception as err:
                     raise TargetsError(f"unreadable {kind} targets from the server: {err}") from err
-            reply = runtime.train(cid, rnd, targets, idx)
+            carried = None
+            if config.get("carry_state", False):
+                state = content.config_records.get("state")
+                carried = CarriedState(None if state is None else bytes(state["blob"]))
+            reply = runtime.train(cid, rnd, targets, idx, store=carried)
             out = RecordDict(
                 {
                     "meta": ConfigRecord(
@@ -114,6 +191,8 @@ def make_client_app(jobs: Sequence[FlowerJob]) -> ClientApp:
             )
             if reply.payload is not None:
                 out["payload"] = payload_to_record(reply.payload)
+            if carried is not None and carried.saved is not None:
+                out["state"] = ConfigRecord({"blob": carried.saved})
         except Exception as err:
             return _error_reply(msg, cid, err)
         return Message(out, reply_to=msg)
@@ -154,7 +233,10 @@ def _read_reply(cid: int, reply: Message) -> TrainReply | Failure:
 
 class FlowerTransport:
     """Sends a round's request to the sampled clients' nodes through the Grid, and waits
-    for the replies until ``timeout`` or until ``stop`` is set (Ctrl-C)."""
+    for the replies until ``timeout`` or until ``stop`` is set (Ctrl-C).
+
+    With ``states`` (the run folder's client-state store), each client's state travels
+    in its messages: sent with its request, and the one its reply brings saved there."""
 
     def __init__(
         self,
@@ -163,12 +245,14 @@ class FlowerTransport:
         timeout: float,
         stop: StopSignal | None = None,
         run: int = 0,
+        states: StateStore | None = None,
     ) -> None:
         self.grid = grid
         self.nodes = nodes  # client id -> node id
         self.timeout = timeout
         self.stop = stop
         self.run = run  # which job of the ClientApp the messages are for
+        self.states = states
 
     def _messages(
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
@@ -183,11 +267,19 @@ class FlowerTransport:
                 if targets is not None:
                     content["targets"] = payload_to_record(targets)
                     config["targets_kind"] = targets.kind
+                if self.states is not None:
+                    config["carry_state"] = True
                 content["config"] = ConfigRecord(config)
                 records[id(targets)] = content
+            content = records[id(targets)]
+            if self.states is not None:
+                content = RecordDict(dict(content.items()))  # the same records, and its state
+                blob = self.states.load(cid, rnd)
+                if blob is not None:
+                    content["state"] = ConfigRecord({"blob": blob})
             messages.append(
                 Message(
-                    records[id(targets)],
+                    content,
                     dst_node_id=self.nodes[cid],
                     message_type="query.train",
                     group_id=str(rnd),
@@ -204,6 +296,10 @@ class FlowerTransport:
         for reply in send_and_wait(self.grid, messages, self.timeout, self.stop, f"round {rnd}"):
             cid = by_node[reply.metadata.src_node_id]
             out[cid] = _read_reply(cid, reply)
+            if self.states is not None and not reply.has_error():
+                state = reply.content.config_records.get("state")
+                if state is not None:  # as the client would have saved it itself
+                    self.states.save(cid, rnd, bytes(state["blob"]))
         for cid in requests:
             out.setdefault(cid, Failure(cid, f"no reply within {self.timeout:g} s"))
         return out
@@ -261,12 +357,16 @@ def _handshake(
 
 
 def make_server_app(
-    jobs: Sequence[FlowerJob], stop: StopSignal | None = None, keep_going: bool = False
+    jobs: Sequence[FlowerJob],
+    stop: StopSignal | None = None,
+    keep_going: bool = False,
+    carry_state: bool = False,
 ) -> ServerApp:
     """A ServerApp that runs (or continues) each job's federation in turn, on the same
     simulated clients; each job's ``box`` gets ``rounds_started``. A failed federation
     raises :class:`RunFailed`, or, with ``keep_going``, is kept in its job's ``error``
-    and the next job runs. Ctrl-C (``stop``) ends them all."""
+    and the next job runs. Ctrl-C (``stop``) ends them all. ``carry_state``: client
+    states travel in the messages (kept in each job's ``state_dir`` here)."""
     app = ServerApp()
     config = jobs[0].federation.config
 
@@ -280,7 +380,8 @@ def make_server_app(
             raise RunFailed(f"clients {missing} did not answer the start-up handshake")
         for run, job in enumerate(jobs):
             job.box["rounds_started"] = time.time()
-            transport = FlowerTransport(grid, mapping, timeout, stop, run)
+            states = DiskStateStore(job.state_dir) if carry_state else None
+            transport = FlowerTransport(grid, mapping, timeout, stop, run, states)
             try:
                 job.federation.run(transport, job.on_round, stop=stop, errors=job.errors)
             except RunFailed as err:
@@ -293,22 +394,114 @@ def make_server_app(
     return app
 
 
-def backend_config(config: Config) -> dict[str, Any]:
-    """Ray backend settings: per-client resources and ``ray.init`` arguments."""
+def ray_init_args(config: Config) -> dict[str, Any]:
+    """The ``ray.init`` arguments: quiet unless verbose, ``simulation.ray_init_args``, and
+    the address (``"local"``, a private Ray, unless a cluster is named)."""
     sim = config.simulation
-    num_gpus = sim.num_gpus
-    if num_gpus is None:
-        import torch
-
-        num_gpus = 0.2 if config.device != "cpu" and torch.cuda.is_available() else 0.0
     init_args: dict[str, Any] = {"include_dashboard": False}
     if not sim.verbose:
         init_args.update(logging_level=logging.ERROR, log_to_driver=False)
     init_args.update(sim.ray_init_args)
+    init_args["address"] = sim.cluster_address or "local"  # "local": ignore $RAY_ADDRESS
+    return init_args
+
+
+def client_resources(config: Config, gpus_present: bool | None = None) -> dict[str, float]:
+    """The Ray resources each client reserves. Unset, ``num_gpus`` is 0.2 where GPUs are
+    present (``gpus_present``; default: this machine has CUDA) unless ``device = "cpu"``."""
+    sim = config.simulation
+    num_gpus = sim.num_gpus
+    if num_gpus is None:
+        if gpus_present is None:
+            import torch
+
+            gpus_present = torch.cuda.is_available()
+        num_gpus = 0.2 if config.device != "cpu" and gpus_present else 0.0
+    return {"num_cpus": float(sim.num_cpus), "num_gpus": float(num_gpus)}
+
+
+def backend_config(config: Config, gpus_present: bool | None = None) -> dict[str, Any]:
+    """Ray backend settings: per-client resources and ``ray.init`` arguments."""
     return {
-        "client_resources": {"num_cpus": sim.num_cpus, "num_gpus": float(num_gpus)},
-        "init_args": init_args,
+        "client_resources": client_resources(config, gpus_present),
+        "init_args": ray_init_args(config),
     }
+
+
+def clients_per_node(node: dict[str, float], resources: dict[str, float]) -> int:
+    """How many clients needing ``resources`` fit on a node (as Flower counts them)."""
+    fit = int(node.get("CPU", 0) / resources["num_cpus"])
+    if resources["num_gpus"] > 0:
+        fit = min(fit, int(node.get("GPU", 0) / resources["num_gpus"]))
+    return fit
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once where no Ray cluster answers at ``address`` ("auto" or host:port):
+    ``ray.init`` would retry for minutes."""
+    target: str | None = address
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:  # another Ray: let ray.init find the cluster
+            return
+        try:
+            target = canonicalize_bootstrap_address("auto")
+        except ConnectionError as err:
+            raise RunFailed(
+                f"no running Ray cluster found for simulation.ray_address = auto ({one_line(err)});"
+                " start one with `ray start --head`, or give its head node's host:port"
+            ) from err
+        if target is None:
+            return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+            pass
+    except (OSError, ValueError) as err:
+        raise RunFailed(
+            f"no Ray cluster answers at {target} (simulation.ray_address): {err}; is its head "
+            f"node running (`ray start --head --port={port}` there)?"
+        ) from err
+
+
+def attach_cluster(config: Config) -> dict[str, Any]:
+    """Connect this process to the running Ray cluster ``simulation.ray_address`` names,
+    check that it can host a client, and return the backend settings for it (Flower's
+    Ray backend uses this connection, and ends only it, not the cluster)."""
+    import ray
+
+    init_args = ray_init_args(config)
+    address = init_args["address"]
+    args = {k: v for k, v in init_args.items() if k not in ("address", "runtime_env")}
+    # as Flower does for a Ray it starts: workers import what this process can
+    runtime_env = dict(init_args.get("runtime_env") or {})
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    paths = [*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])]
+    env_vars.setdefault("PYTHONPATH", os.pathsep.join(paths))
+    runtime_env["env_vars"] = env_vars
+    _check_reachable(address)
+    try:
+        ray.init(address=address, runtime_env=runtime_env, **args)
+    except Exception as err:
+        raise RunFailed(
+            f"could not attach to the Ray cluster at {address}: {one_line(err)}"
+        ) from err
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+    resources = client_resources(config, any(n.get("GPU", 0) > 0 for n in nodes))
+    fit = sum(clients_per_node(n, resources) for n in nodes)
+    cpus, gpus = sum(n.get("CPU", 0) for n in nodes), sum(n.get("GPU", 0) for n in nodes)
+    if fit == 0:
+        raise RunFailed(
+            f"no node of the Ray cluster at {address} ({len(nodes)} node(s), {cpus:g} CPUs, "
+            f"{gpus:g} GPUs) can host a client needing {resources['num_cpus']:g} CPUs and "
+            f"{resources['num_gpus']:g} GPUs (simulation.num_cpus, simulation.num_gpus)"
+        )
+    log.info(
+        "attached to the Ray cluster at %s: %d node(s), %g CPUs, %g GPUs; %d client(s) at a time",
+        address, len(nodes), cpus, gpus, fit,
+    )  # fmt: skip
+    return {"client_resources": resources, "init_args": init_args}
 
 
 @contextlib.contextmanager
@@ -371,20 +564,38 @@ def run_flower_jobs(
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ended = threading.Event()  # set when the simulation returns: the server loop must end too
     halt = AnyEvent(ended) if stop is None else AnyEvent(stop, ended)
+    cluster = bool(config.simulation.cluster_address)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
         try:
+            files: dict[str, DataFile] = {}
+            if cluster:  # its nodes may share neither this disk nor each other's
+                backend = attach_cluster(config)
+                files = ship_data(j.data_path for j in jobs)
+            else:
+                backend = backend_config(config)
             run_simulation(
-                server_app=make_server_app(jobs, halt, keep_going),
-                client_app=make_client_app(jobs),
+                server_app=make_server_app(jobs, halt, keep_going, carry_state=cluster),
+                client_app=make_client_app(jobs, files),
                 num_supernodes=config.clients.count,
                 backend_name=config.simulation.backend,
-                backend_config=backend_config(config),
+                backend_config=backend,
                 verbose_logging=config.simulation.verbose,
             )
         finally:
             ended.set()
+            if cluster:
+                _disconnect()
+
+
+def _disconnect() -> None:
+    """End this process's connection to the cluster (Flower's backend usually has);
+    the cluster keeps running."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 class AnyEvent:

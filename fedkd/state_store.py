@@ -6,8 +6,10 @@ round that is run again (after ``fedkd resume``) starts from exactly the state t
 first attempt started from, whatever the killed attempt had already written.
 
 :class:`DiskStateStore` keeps versions in the run folder (``clients/<cid>/r<round>.pt``),
-written atomically; it serves Flower+Ray workers on one machine (or on nodes that
-share the folder) and is what checkpoints and resume rely on.
+written atomically; it serves Flower+Ray workers on one machine and is what
+checkpoints and resume rely on. On an attached Ray cluster
+(``simulation.ray_address``) only the driver writes it: each client's state travels
+in its messages (:mod:`fedkd.flower`), so no node needs the driver's disk.
 :class:`MemoryStateStore` keeps them in this process (the in-process baseline).
 """
 
