@@ -136,10 +136,12 @@ class CarriedState:
 def make_client_app(
     jobs: Sequence[FlowerJob], files: dict[str, DataFile] | None = None
 ) -> ClientApp:
-    """A ClientApp whose node with partition id i acts as client i of whichever job a
-    message names (``run``: its index in ``jobs``); client state is kept in the job's
-    ``state_dir`` (see :mod:`fedkd.state_store`), or travels in the messages when they
-    carry it. ``files``: where to load each job's ``data_path`` from (default: itself)."""
+    """A ClientApp whose nodes are slots: each message names the client it is for
+    (``client.cid``) and the job (``run``: its index in ``jobs``), so a node serves
+    whichever sampled client a round hands it (:func:`flower_nodes`); client state is
+    kept in the job's ``state_dir`` (see :mod:`fedkd.state_store`), or travels in the
+    messages when they carry it. ``files``: where to load each job's ``data_path`` from
+    (default: itself)."""
     app = ClientApp()
     files = files or {}
     runs = [
@@ -153,18 +155,19 @@ def make_client_app(
 
     @app.query("hello")
     def hello(msg: Message, context: Context) -> Message:
-        cid = int(context.node_config["partition-id"])
+        slot = int(context.node_config["partition-id"])
         try:
             runtime_of(0).warm_up()  # imports, data, first step
         except Exception as err:
-            return _error_reply(msg, cid, err)
-        return Message(RecordDict({"meta": ConfigRecord({"cid": cid})}), reply_to=msg)
+            return _error_reply(msg, -1, err)
+        return Message(RecordDict({"meta": ConfigRecord({"slot": slot})}), reply_to=msg)
 
     @app.query("train")
     def train(msg: Message, context: Context) -> Message:
-        cid = int(context.node_config["partition-id"])
         content = msg.content
+        cid = -1
         try:
+            cid = int(content.config_records["client"]["cid"])  # this message's client
             config = content.config_records["config"]
             rnd = int(config["round"])
             idx = content.array_records["query"]["public_idx"].numpy()
@@ -241,14 +244,14 @@ class FlowerTransport:
     def __init__(
         self,
         grid: Grid,
-        nodes: dict[int, int],
+        nodes: Sequence[int],
         timeout: float,
         stop: StopSignal | None = None,
         run: int = 0,
         states: StateStore | None = None,
     ) -> None:
         self.grid = grid
-        self.nodes = nodes  # client id -> node id
+        self.nodes = list(nodes)  # node ids by slot: a round's i-th client goes to slot i
         self.timeout = timeout
         self.stop = stop
         self.run = run  # which job of the ClientApp the messages are for
@@ -271,16 +274,16 @@ class FlowerTransport:
                     config["carry_state"] = True
                 content["config"] = ConfigRecord(config)
                 records[id(targets)] = content
-            content = records[id(targets)]
+            content = RecordDict(dict(records[id(targets)].items()))  # shared records, and:
+            content["client"] = ConfigRecord({"cid": cid})  # whom this message is for
             if self.states is not None:
-                content = RecordDict(dict(content.items()))  # the same records, and its state
                 blob = self.states.load(cid, rnd)
                 if blob is not None:
                     content["state"] = ConfigRecord({"blob": blob})
             messages.append(
                 Message(
                     content,
-                    dst_node_id=self.nodes[cid],
+                    dst_node_id=self.nodes[len(messages) % len(self.nodes)],
                     message_type="query.train",
                     group_id=str(rnd),
                 )
@@ -290,11 +293,11 @@ class FlowerTransport:
     def train(
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
     ) -> dict[int, TrainReply | Failure]:
-        by_node = {node: cid for cid, node in self.nodes.items()}
         messages = self._messages(rnd, requests, public_idx)
+        cids = list(requests)  # in the order of the messages
         out: dict[int, TrainReply | Failure] = {}
-        for reply in send_and_wait(self.grid, messages, self.timeout, self.stop, f"round {rnd}"):
-            cid = by_node[reply.metadata.src_node_id]
+        for i, reply in send_and_wait(self.grid, messages, self.timeout, self.stop, f"round {rnd}"):
+            cid = cids[i]
             out[cid] = _read_reply(cid, reply)
             if self.states is not None and not reply.has_error():
                 state = reply.content.config_records.get("state")
@@ -311,17 +314,20 @@ def send_and_wait(
     timeout: float,
     stop: StopSignal | None,
     what: str,
-) -> Iterator[Message]:
-    """Push ``messages`` and yield the replies as they come, until all are in or
-    ``timeout`` passes; raises :class:`Interrupted` within ~10 ms of ``stop`` being set."""
-    pending = set(grid.push_messages(messages))
+) -> Iterator[tuple[int, Message]]:
+    """Push ``messages`` and yield ``(index of the message, reply)`` as replies come, until
+    all are in or ``timeout`` passes; raises :class:`Interrupted` within ~10 ms of
+    ``stop`` being set."""
+    index = {mid: i for i, mid in enumerate(grid.push_messages(messages))}
+    pending = set(index)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         if stop is not None and stop.is_set():
             raise Interrupted(f"stopped during {what}")
         for reply in grid.pull_messages(pending):
-            pending.discard(reply.metadata.reply_to_message_id)
-            yield reply
+            mid = reply.metadata.reply_to_message_id
+            pending.discard(mid)
+            yield index[mid], reply
         if pending:
             time.sleep(0.01)
 
@@ -343,17 +349,28 @@ def _wait_for_nodes(grid: Grid, count: int, timeout: float, stop: StopSignal | N
 def _handshake(
     grid: Grid, nodes: Iterable[int], timeout: float, stop: StopSignal | None
 ) -> dict[int, int]:
-    """Ask every node for its partition id (= client id); also warms the workers."""
+    """Ask every node for its partition id (its slot); also warms the workers."""
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.hello") for n in nodes]
     mapping: dict[int, int] = {}
-    for reply in send_and_wait(grid, msgs, timeout, stop, "start-up"):
+    for _, reply in send_and_wait(grid, msgs, timeout, stop, "start-up"):
         failure = _reported_failure(-1, reply)
         if failure is not None:  # one line here; the traceback goes to errors.log as the cause
             who = f"client {failure.cid}" if failure.cid >= 0 else "a client"
             cause = RuntimeError(failure.traceback) if failure.traceback else None
             raise RunFailed(f"{who} failed to start: {failure.error}") from cause
-        mapping[int(reply.content.config_records["meta"]["cid"])] = reply.metadata.src_node_id
+        mapping[int(reply.content.config_records["meta"]["slot"])] = reply.metadata.src_node_id
     return mapping
+
+
+def flower_nodes(config: Config) -> int:
+    """How many Flower SuperNodes simulate the clients: as many as a round samples
+    (``clients.fraction`` of ``clients.count``), each serving whichever client a message
+    names. Client state is keyed by client id, so which node serves a client changes
+    nothing; a strategy that samples more is served round-robin (slower, not wrong).
+    Fewer nodes than clients keep Flower's in-memory link state small: it scans every
+    node against every stored message, so 10,000 nodes stall start-up for hours."""
+    n = config.clients.count
+    return min(n, max(1, round(config.clients.fraction * n)))
 
 
 def make_server_app(
@@ -373,15 +390,17 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         timeout = config.simulation.round_timeout
-        nodes = _wait_for_nodes(grid, config.clients.count, timeout, stop)
+        slots = flower_nodes(config)
+        nodes = _wait_for_nodes(grid, slots, timeout, stop)
         mapping = _handshake(grid, nodes, timeout, stop)
-        missing = sorted(set(range(config.clients.count)) - set(mapping))
+        missing = sorted(set(range(slots)) - set(mapping))
         if missing:
-            raise RunFailed(f"clients {missing} did not answer the start-up handshake")
+            raise RunFailed(f"nodes {missing} did not answer the start-up handshake")
+        by_slot = [mapping[s] for s in range(slots)]
         for run, job in enumerate(jobs):
             job.box["rounds_started"] = time.time()
             states = DiskStateStore(job.state_dir) if carry_state else None
-            transport = FlowerTransport(grid, mapping, timeout, stop, run, states)
+            transport = FlowerTransport(grid, by_slot, timeout, stop, run, states)
             try:
                 job.federation.run(transport, job.on_round, stop=stop, errors=job.errors)
             except RunFailed as err:
@@ -578,7 +597,7 @@ def run_flower_jobs(
             run_simulation(
                 server_app=make_server_app(jobs, halt, keep_going, carry_state=cluster),
                 client_app=make_client_app(jobs, files),
-                num_supernodes=config.clients.count,
+                num_supernodes=flower_nodes(config),
                 backend_name=config.simulation.backend,
                 backend_config=backend,
                 verbose_logging=config.simulation.verbose,

@@ -174,7 +174,7 @@ def test_carried_client_state_gives_the_in_process_numbers(tmp_path, monkeypatch
     job = FlowerJob(Federation(cfg, data), str(path), str(tmp_path / "client-side"))
     grid = InProcessGrid(make_client_app([job], {str(path): DataFile(str(path))}))
     server_side = DiskStateStore(tmp_path / "run" / "clients")
-    nodes = {c: 100 + c for c in range(cfg.clients.count)}
+    nodes = [100 + c for c in range(cfg.clients.count)]
     carried = job.federation.run(FlowerTransport(grid, nodes, 60.0, states=server_side))
     inline = Federation(cfg, data).run(InlineTransport(cfg, str(path)))
     assert _students(carried) == _students(inline)

@@ -1,0 +1,61 @@
+"""Flower nodes are slots, not clients: a round's sampled clients are handed to as many
+SuperNodes as a round samples, each message naming its client, with the same numbers
+as the in-process runner (client state is keyed by client id, never by node)."""
+
+from __future__ import annotations
+
+import pytest
+
+import fedkd
+from fedkd.config import load_config
+from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation
+from fedkd.flower import DataFile, FlowerJob, FlowerTransport, flower_nodes, make_client_app
+from fedkd.inline import InlineTransport
+from fedkd.results import read_rounds
+from tests.conftest import SMALL
+from tests.test_ray_cluster import InProcessGrid, _students
+
+
+@pytest.mark.parametrize(
+    ("overrides", "nodes"),
+    [(["clients.count=4"], 4), (["clients.count=8", "clients.fraction=0.25"], 2),
+     (["clients.count=10000", "clients.fraction=0.01", "data.private=50000"], 100)],
+)  # fmt: skip
+def test_as_many_nodes_as_a_round_samples(overrides, nodes):
+    assert flower_nodes(load_config(None, overrides)) == nodes
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_fewer_nodes_than_clients_give_the_in_process_numbers(tmp_path, monkeypatch, slots):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):  # what run_simulation sets
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    overrides = [*SMALL, "clients.count=6", "clients.fraction=0.5", "rounds=3"]
+    cfg = load_config(None, [*overrides, f"output_dir={tmp_path}"])
+    data, path = prepare_federated_data(cfg)
+    job = FlowerJob(Federation(cfg, data), str(path), str(tmp_path / "clients"))
+    grid = InProcessGrid(make_client_app([job], {str(path): DataFile(str(path))}))
+    nodes = [100 + s for s in range(slots)]  # fewer than a round's 3 clients: round-robin
+    flower = job.federation.run(FlowerTransport(grid, nodes, 60.0))
+    inline = Federation(cfg, data).run(InlineTransport(cfg, str(path)))
+    assert _students(flower) == _students(inline)
+    assert [r.server_accuracy for r in flower] == [r.server_accuracy for r in inline]
+    served = {m.metadata.dst_node_id for m in grid.sent}
+    assert served == set(nodes)
+    assert len({int(m.content.config_records["client"]["cid"]) for m in grid.sent}) > 3
+
+
+@pytest.mark.simulation
+def test_a_flower_run_with_fewer_nodes_than_clients_equals_the_in_process_run(tmp_path):
+    overrides = [*SMALL, "clients.count=8", "clients.fraction=0.25", "rounds=3"]
+    overrides += ["baseline=false", "privacy.audit=false", f"output_dir={tmp_path}"]
+    result = fedkd.run(None, overrides, quiet=True)
+    assert result.summary.status == "completed"
+    cfg = load_config(None, overrides)
+    data, path = prepare_federated_data(cfg)
+    inline = Federation(cfg, data).run(InlineTransport(cfg, str(path)))
+    flower = read_rounds(result.directory / "metrics.jsonl")
+    assert [sorted(r.clients) for r in flower] == [sorted(r.clients) for r in inline]
+    assert _students(flower) == _students(inline)
