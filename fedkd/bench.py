@@ -45,8 +45,8 @@ def plain_loop(overrides: list[str], started: float) -> dict[str, Any]:
     from fedkd.data import prepare_federated_data
 
     cfg = load_config(None, overrides)
-    if cfg.server.public_subset or cfg.clients.fraction < 1:
-        raise SystemExit("the plain loop mirrors the full public set and every client")
+    if cfg.server.public_subset:
+        raise SystemExit("the plain loop mirrors the full public set only")
     torch.set_num_threads(cfg.simulation.threads)
     data, _ = prepare_federated_data(cfg)
     world = _PlainWorld.build(cfg, data)
@@ -64,11 +64,12 @@ def plain_loop(overrides: list[str], started: float) -> dict[str, Any]:
 class _PlainWorld:
     """Every model of the plain loop in memory, and one round of the kd strategy."""
 
-    def __init__(self, cfg: Any, data: Any, clients: list, teacher: Any, teacher_opt: Any):
+    def __init__(self, cfg: Any, data: Any, teacher: Any, teacher_opt: Any):
         from fedkd.losses import SoftKL
         from fedkd.training import to_tensor
 
-        self.cfg, self.data, self.clients = cfg, data, clients
+        self.cfg, self.data = cfg, data
+        self.clients: dict[int, tuple] = {}  # built when first sampled, kept in memory
         self.teacher, self.teacher_opt = teacher, teacher_opt
         self.public_x, self.test_x, self.test_y = (
             to_tensor(a) for a in (data.public_x, data.test_x, data.test_y)
@@ -79,42 +80,46 @@ class _PlainWorld:
 
     @classmethod
     def build(cls, cfg: Any, data: Any) -> _PlainWorld:
-        """Students, optimizers and private data per client, and the teacher, seeded as
-        fedkd seeds them."""
-        from fedkd.assignment import student_spec
+        """The teacher, seeded as fedkd seeds it (students come when first sampled)."""
         from fedkd.models import build_model
         from fedkd.seeding import derive_seed
-        from fedkd.training import make_optimizer, to_tensor
+        from fedkd.training import make_optimizer
 
         shape, classes = data.input_shape, data.num_classes
-        clients = []
-        for cid in range(cfg.clients.count):
-            spec = student_spec(cfg, cid)
-            model = build_model(spec, shape, classes, derive_seed(cfg.seed, "student", cid))
-            part = data.client(cid)
-            opt = make_optimizer(cfg.clients.optimizer, model, cfg.clients.lr)
-            clients.append((model, opt, to_tensor(part.x), to_tensor(part.y)))
         teacher = build_model(cfg.server.teacher, shape, classes, derive_seed(cfg.seed, "teacher"))
-        return cls(
-            cfg,
-            data,
-            clients,
-            teacher,
-            make_optimizer(cfg.server.optimizer, teacher, cfg.server.lr),
-        )
+        teacher_opt = make_optimizer(cfg.server.optimizer, teacher, cfg.server.lr)
+        return cls(cfg, data, teacher, teacher_opt)
+
+    def client(self, cid: int) -> tuple:
+        """Client ``cid``'s student, optimizer and private data, seeded as fedkd seeds them."""
+        if cid not in self.clients:
+            from fedkd.assignment import student_spec
+            from fedkd.models import build_model
+            from fedkd.seeding import derive_seed
+            from fedkd.training import make_optimizer, to_tensor
+
+            seed = derive_seed(self.cfg.seed, "student", cid)
+            d = self.data
+            model = build_model(student_spec(self.cfg, cid), d.input_shape, d.num_classes, seed)
+            part = d.client(cid)
+            opt = make_optimizer(self.cfg.clients.optimizer, model, self.cfg.clients.lr)
+            self.clients[cid] = (model, opt, to_tensor(part.x), to_tensor(part.y))
+        return self.clients[cid]
 
     def round(self, rnd: int, targets: Any) -> tuple[Any, list[float]]:
-        """One round: every client trains and is evaluated, the teacher distills the mean
-        of their public logits; returns the next targets and the students' accuracies."""
+        """One round: the sampled clients train and are evaluated, the teacher distills the
+        mean of their public logits; returns the next targets and their accuracies."""
         import numpy as np
         import torch
 
+        from fedkd.assignment import sample_clients
         from fedkd.seeding import derive_seed, torch_generator
         from fedkd.training import KDTargets, distill, evaluate, predict_logits
 
         cfg = self.cfg
         logits, accs = [], []
-        for cid, client in enumerate(self.clients):
+        for cid in sample_clients(cfg, rnd):
+            client = self.client(cid)
             torch.manual_seed(derive_seed(cfg.seed, "client-global", rnd, cid))
             logits.append(self._client(rnd, cid, client, targets))
             accs.append(self._evaluate(client))
@@ -177,7 +182,7 @@ def _fedkd_side(overrides: list[str]) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "fedkd.cli", "run", "-q", *overrides]
         cmd += ["baseline=false", f"output_dir={tmp}"]
         spawned = time.time()
-        subprocess.run(cmd, check=True)
+        peak = _run_measured(cmd)
         (run_dir,) = Path(tmp).iterdir()
         summary = read_summary(run_dir)
         rounds = read_rounds(run_dir / "metrics.jsonl")
@@ -185,7 +190,20 @@ def _fedkd_side(overrides: list[str]) -> dict[str, Any]:
         "startup_s": summary.timing["rounds_started_at"] - spawned,
         "round_s": [r.seconds for r in rounds],
         "accuracies": [[r.clients[c].accuracy for c in sorted(r.clients)] for r in rounds],
+        "peak_mb": peak,
     }
+
+
+def _run_measured(cmd: list[str], stdout: Any = None) -> float:
+    """Run ``cmd`` (it must succeed); the peak PSS of it and its processes, in MB."""
+    from fedkd.memory import PeakPSS
+
+    proc = subprocess.Popen(cmd, stdout=stdout, text=True)
+    with PeakPSS(proc.pid) as peak:
+        proc.wait()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return peak.peak_mb
 
 
 def _plain_side(overrides: list[str]) -> dict[str, Any]:
@@ -193,10 +211,11 @@ def _plain_side(overrides: list[str]) -> dict[str, Any]:
         "import time; t = time.time(); import json, sys; from fedkd.bench import plain_loop; "
         "print(json.dumps(plain_loop(sys.argv[1:], t)))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, *overrides], check=True, capture_output=True, text=True
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as out:
+        peak = _run_measured([sys.executable, "-c", code, *overrides], stdout=out)
+        out.seek(0)
+        lines = out.read().strip().splitlines()
+    return {**json.loads(lines[-1]), "peak_mb": peak}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,21 +226,98 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the membership audit on both sides (default: neither)",
     )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="clients per round 10/100/1000 of --clients (one run of each side each), "
+        "as a table, scaling.json and scaling.png in --out",
+    )
+    parser.add_argument("--clients", type=int, default=10_000, help="--scaling: clients in all")
+    parser.add_argument("--rounds", type=int, default=3, help="--scaling: rounds per run")
+    parser.add_argument("--out", default=".", help="--scaling: folder for the json and plot")
     parser.add_argument("overrides", nargs="*", help="field=value, applied to both sides")
     args = parser.parse_args(argv)
+    if args.scaling:
+        return _scaling(args)
     overrides = _both_sides(args.overrides, args.audit)
+    fed, plain = _compare(overrides, args.repeats)
+    return _report(fed, plain, args.audit)
+
+
+def _compare(overrides: list[str], repeats: int) -> tuple[list[dict], list[dict]]:
+    """``repeats`` interleaved runs of each side, on data cached beforehand."""
     from fedkd.config import load_config
     from fedkd.data import prepare_federated_data
 
     prepare_federated_data(load_config(None, overrides))  # both sides start with data cached
     fed: list[dict[str, Any]] = []
     plain: list[dict[str, Any]] = []
-    for i in range(args.repeats):
-        print(f"[{i + 1}/{args.repeats}] fedkd (Flower + Ray)...", flush=True)
+    for i in range(repeats):
+        print(f"[{i + 1}/{repeats}] fedkd (Flower + Ray)...", flush=True)
         fed.append(_fedkd_side(overrides))
-        print(f"[{i + 1}/{args.repeats}] plain PyTorch loop...", flush=True)
+        print(f"[{i + 1}/{repeats}] plain PyTorch loop...", flush=True)
         plain.append(_plain_side(overrides))
-    return _report(fed, plain, args.audit)
+    return fed, plain
+
+
+def _med(runs: list[dict[str, Any]], key: str) -> float:
+    """The median of ``key`` over runs (over all their rounds for ``round_s``)."""
+    if key == "round_s":
+        return statistics.median(s for r in runs for s in r["round_s"])
+    return statistics.median(r[key] for r in runs)
+
+
+ROWS = (
+    ("start-up (process start to round 1), s", "startup_s"),
+    ("median seconds per round", "round_s"),
+    ("peak memory (PSS, all processes), MB", "peak_mb"),
+)
+
+
+def _scaling(args: argparse.Namespace) -> int:
+    """Both sides at 10, 100 and 1000 clients per round of ``args.clients``: a table,
+    ``scaling.json`` and ``scaling.png``."""
+    n, rows, same = args.clients, [], True
+    for per_round in (k for k in (10, 100, 1000) if k <= n):
+        overrides = [*args.overrides, f"clients.count={n}", f"clients.fraction={per_round / n}"]
+        overrides += [f"data.private={max(50_000, 5 * n)}", "partition.name=iid"]
+        overrides += [f"rounds={args.rounds}"]
+        print(f"--- {per_round} clients per round of {n} ---", flush=True)
+        fed, plain = _compare(_both_sides(overrides, args.audit), 1)
+        same &= fed[0]["accuracies"] == plain[0]["accuracies"]
+        rows.append({"per_round": per_round, "fedkd": fed[0], "plain": plain[0]})
+    print(f"\n{n} clients, {args.rounds} rounds, one run of each side per row")
+    print(f"{'per round':>10}{'':2}" + "".join(f"{k:>22}" for _, k in ROWS))
+    for row in rows:
+        cells = "".join(
+            f"{_med([row['fedkd']], k):>10.2f} /{_med([row['plain']], k):>9.2f}" for _, k in ROWS
+        )
+        print(f"{row['per_round']:>10}{'':2}{cells}")
+    print("(fedkd / plain loop)  same accuracies: " + ("yes" if same else "NO"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(rows, indent=1))
+    _plot_scaling(rows, out / "scaling.png")
+    return 0 if same else 1
+
+
+def _plot_scaling(rows: list[dict[str, Any]], path: Path) -> None:
+    """Seconds per round and peak memory against clients per round, both sides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    x = [r["per_round"] for r in rows]
+    for ax, (label, key) in zip(axes, ROWS[1:], strict=True):
+        for side in ("fedkd", "plain"):
+            ax.plot(x, [_med([r[side]], key) for r in rows], marker="o", label=side)
+        ax.set(xscale="log", xlabel="clients per round", title=label)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _both_sides(overrides: list[str], audit: bool) -> list[str]:
@@ -239,22 +335,13 @@ def _both_sides(overrides: list[str], audit: bool) -> list[str]:
 
 def _report(fed: list[dict[str, Any]], plain: list[dict[str, Any]], audit: bool) -> int:
     """Print the medians of both sides and their ratios; 1 if the accuracies differ."""
-
-    def med(runs: list[dict[str, Any]], key: str) -> float:
-        if key == "round_s":
-            return statistics.median(s for r in runs for s in r["round_s"])
-        return statistics.median(r[key] for r in runs)
-
     same = all(f["accuracies"] == p["accuracies"] for f, p in zip(fed, plain, strict=True))
-    rows = [
-        ("start-up (process start to round 1), s", med(fed, "startup_s"), med(plain, "startup_s")),
-        ("median seconds per round", med(fed, "round_s"), med(plain, "round_s")),
-    ]
     print(WORK.format(strategy=MIRRORED, audit=", membership audit" if audit else ""))
     print(f"membership audit: {'on both sides' if audit else 'off on both sides'}; "
           f"medians over {len(fed)} interleaved runs of each side")  # fmt: skip
     print(f"\n{'':42}{'fedkd':>10}{'plain':>10}{'ratio':>10}")
-    for label, a, b in rows:
+    for label, key in ROWS:
+        a, b = _med(fed, key), _med(plain, key)
         print(f"{label:42}{a:>10.2f}{b:>10.2f}{a / b:>10.2f}")
     print(f"same per-round accuracies on both sides: {'yes' if same else 'NO'}")
     return 0 if same else 1

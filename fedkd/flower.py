@@ -164,43 +164,46 @@ def make_client_app(
 
     @app.query("train")
     def train(msg: Message, context: Context) -> Message:
-        content = msg.content
         cid = -1
         try:
-            cid = int(content.config_records["client"]["cid"])  # this message's client
-            config = content.config_records["config"]
-            rnd = int(config["round"])
-            idx = content.array_records["query"]["public_idx"].numpy()
-            runtime = runtime_of(int(config.get("run", 0)))
-            targets = None
-            if "targets" in content.array_records:
-                kind = str(config["targets_kind"])
-                try:
-                    targets = record_to_payload(kind, content.array_records["targets"])
-                except Exception as err:
-                    raise TargetsError(f"unreadable {kind} targets from the server: {err}") from err
-            carried = None
-            if config.get("carry_state", False):
-                state = content.config_records.get("state")
-                carried = CarriedState(None if state is None else bytes(state["blob"]))
-            reply = runtime.train(cid, rnd, targets, idx, store=carried)
-            out = RecordDict(
-                {
-                    "meta": ConfigRecord(
-                        {"cid": cid, "kind": reply.payload.kind if reply.payload else ""}
-                    ),
-                    "metrics": MetricRecord(reply.metrics),
-                }
-            )
-            if reply.payload is not None:
-                out["payload"] = payload_to_record(reply.payload)
-            if carried is not None and carried.saved is not None:
-                out["state"] = ConfigRecord({"blob": carried.saved})
+            cid = int(msg.content.config_records["client"]["cid"])  # this message's client
+            return Message(_train(msg.content, cid, runtime_of), reply_to=msg)
         except Exception as err:
             return _error_reply(msg, cid, err)
-        return Message(out, reply_to=msg)
 
     return app
+
+
+def _train(content: RecordDict, cid: int, runtime_of: Any) -> RecordDict:
+    """Client ``cid``'s round as a train message asks it: the reply's content."""
+    config = content.config_records["config"]
+    rnd = int(config["round"])
+    idx = content.array_records["query"]["public_idx"].numpy()
+    runtime = runtime_of(int(config.get("run", 0)))
+    targets = None
+    if "targets" in content.array_records:
+        kind = str(config["targets_kind"])
+        try:
+            targets = record_to_payload(kind, content.array_records["targets"])
+        except Exception as err:
+            raise TargetsError(f"unreadable {kind} targets from the server: {err}") from err
+    carried = None
+    if config.get("carry_state", False):
+        state = content.config_records.get("state")
+        carried = CarriedState(None if state is None else bytes(state["blob"]))
+    reply = runtime.train(cid, rnd, targets, idx, store=carried)
+    kind = reply.payload.kind if reply.payload else ""
+    out = RecordDict(
+        {
+            "meta": ConfigRecord({"cid": cid, "kind": kind}),
+            "metrics": MetricRecord(reply.metrics),
+        }
+    )
+    if reply.payload is not None:
+        out["payload"] = payload_to_record(reply.payload)
+    if carried is not None and carried.saved is not None:
+        out["state"] = ConfigRecord({"blob": carried.saved})
+    return out
 
 
 def _reported_failure(cid: int, reply: Message) -> Failure | None:

@@ -33,3 +33,19 @@ def test_the_plain_loop_reproduces_the_runtime_round_by_round(tmp_path, audit):
 def test_the_benchmark_owns_the_strategy_and_the_audit(override):
     with pytest.raises(SystemExit, match="set by the benchmark"):
         _both_sides([override], audit=False)
+
+
+@pytest.mark.simulation
+def test_the_scaling_mode_writes_its_table_json_and_plot(tmp_path, capsys):
+    import json
+
+    from fedkd.bench import main
+
+    args = ["--scaling", "--clients", "20", "--rounds", "2", "--out", str(tmp_path)]
+    assert main([*args, "data.public=400", "data.test=400"]) == 0
+    rows = json.loads((tmp_path / "scaling.json").read_text())
+    assert [r["per_round"] for r in rows] == [10]  # 100 and 1000 exceed 20 clients
+    for side in ("fedkd", "plain"):
+        assert rows[0][side]["peak_mb"] > 0 and len(rows[0][side]["round_s"]) == 2
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+    assert "same accuracies: yes" in capsys.readouterr().out

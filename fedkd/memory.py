@@ -1,0 +1,82 @@
+"""Peak memory of a process and all its descendants (Ray's processes included): the
+sum of their proportional set sizes (PSS: a page shared by n processes counts 1/n in
+each, so shared libraries and Ray's shared memory are counted once). Linux (/proc)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import TracebackType
+
+
+def _children() -> dict[int, list[int]]:
+    """Every process's children, by parent id."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants."""
+    kids, out, stack = _children(), [], [root]
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack.extend(kids.get(pid, []))
+    return out
+
+
+def pss_kb(pid: int) -> int:
+    """The proportional set size of ``pid`` in KiB (0 if it has ended)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+class PeakPSS:
+    """Samples the PSS of ``pid``'s process tree every ``interval`` seconds while active
+    (a ``with`` block); ``peak_mb`` and ``processes`` (at the peak) after it."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak_kb, self.processes = 0, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak_kb / 1024, 1)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            pids = process_tree(self.pid)
+            total = sum(pss_kb(p) for p in pids)
+            if total > self.peak_kb:
+                self.peak_kb, self.processes = total, len(pids)
+            self._done.wait(self.interval)
+
+    def __enter__(self) -> PeakPSS:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        err: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._done.set()
+        self._thread.join()
