@@ -145,11 +145,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (acc, mia) = plt.subplots(1, 2, figsize=(12, 4.5))
-    base = next((r for r in rows if r["mechanism"] == "none"), None)  # the DP-SGD strategy
-    for i, mech in enumerate(m for m in ("dpsgd", "client_gaussian", "pate")):
-        pts = sorted((r for r in rows if r["mechanism"] == mech), key=lambda r: r["epsilon"])
-        if not pts:
-            continue
+    base = next((r for r in rows if r["sigma"] is None), None)  # no noise: the reference
+    curves: dict[str, list[dict]] = {}  # one curve per mechanism label, in sweep order
+    for r in rows:
+        if r["sigma"] is not None:
+            curves.setdefault(r["mechanism"], []).append(r)
+    for i, (mech, points) in enumerate(curves.items()):
+        pts = sorted(points, key=lambda r: r["epsilon"])
         eps = [r["epsilon"] for r in pts]
         color = f"C{i}"
         acc.plot(
