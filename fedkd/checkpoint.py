@@ -17,6 +17,7 @@ checkpoints you made; client state, which is small and typed, is loaded with
 from __future__ import annotations
 
 import io
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ def save_checkpoint(run_dir: Path, federation: Federation) -> None:
     }
     buf = io.BytesIO()
     torch.save(state, buf)
+    os.sync()  # the round's client states (written without fsync) reach the disk first
     atomic_write_bytes(Path(run_dir) / FILE, buf.getvalue())
 
 

@@ -191,3 +191,19 @@ def test_kill_9_in_round_5_then_resume_equals_the_uninterrupted_run(tmp_path):
     # a run that has ended is not resumed (nothing starts; exit 2 names the folder)
     again = _run_cli(["resume", str(full_run)], tmp_path)
     assert again.returncode == 2 and "has ended (completed)" in again.stderr
+
+
+def test_client_states_reach_the_disk_before_the_checkpoint_naming_their_round(
+    small_config, tmp_path, monkeypatch
+):
+    """Client states are written without an fsync each; the checkpoint makes them durable
+    (one os.sync) before its own atomic, fsynced write."""
+    calls: list[str] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync"))
+    monkeypatch.setattr(os, "sync", lambda: calls.append("sync"))
+    DiskStateStore(tmp_path / "clients").save(0, 1, b"state")
+    assert calls == []  # no flush per client state
+    cfg = load_config(small_config, ["rounds=1", "privacy.audit=false"])
+    federation = Federation(cfg, prepare_federated_data(cfg)[0])
+    save_checkpoint(tmp_path, federation)
+    assert calls == ["sync", "fsync"]  # the states first, then the checkpoint itself
