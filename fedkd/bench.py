@@ -113,17 +113,17 @@ class _PlainWorld:
         import torch
 
         from fedkd.assignment import sample_clients
-        from fedkd.seeding import derive_seed, torch_generator
+        from fedkd.seeding import derive_seed, seed_torch, torch_generator
         from fedkd.training import KDTargets, distill, evaluate, predict_logits
 
         cfg = self.cfg
         logits, accs = [], []
         for cid in sample_clients(cfg, rnd):
             client = self.client(cid)
-            torch.manual_seed(derive_seed(cfg.seed, "client-global", rnd, cid))
+            seed_torch(derive_seed(cfg.seed, "client-global", rnd, cid))
             logits.append(self._client(rnd, cid, client, targets))
             accs.append(self._evaluate(client))
-        torch.manual_seed(derive_seed(cfg.seed, "server-global", rnd))
+        seed_torch(derive_seed(cfg.seed, "server-global", rnd))
         stacked = np.stack([t.numpy() for t in logits]).astype(np.float64)
         weights = np.full(len(logits), 1.0 / len(logits))  # the same float maths as Logits.mean
         mean = torch.from_numpy(np.tensordot(weights, stacked, axes=1).astype(np.float32))

@@ -27,7 +27,7 @@ from fedkd.models import build_model
 from fedkd.payloads import Payload, PayloadError
 from fedkd.privacy.mechanism import mechanism_of
 from fedkd.privacy.noise import NoiseSource
-from fedkd.seeding import derive_seed, torch_generator
+from fedkd.seeding import derive_seed, seed_torch, torch_generator
 from fedkd.selection import client_strategy, server_strategy
 from fedkd.state_store import DiskStateStore, MemoryStateStore, StateStore
 from fedkd.strategy import ClientStrategy
@@ -206,7 +206,7 @@ class ClientRuntime:
             except PayloadError as err:
                 why = f"invalid {targets.kind} targets from the server: {err}"
                 raise TargetsError(why) from err
-        torch.manual_seed(derive_seed(cfg.seed, "client-global", rnd, cid))
+        seed_torch(derive_seed(cfg.seed, "client-global", rnd, cid))
         cls, params = self._strategies[cid]
         strategy = cls(params)  # a fresh instance each round: no state outside node.state
         store = self.store if store is None else store

@@ -38,7 +38,7 @@ from fedkd.results.records import (
     FailureRecord,
     RoundRecord,
 )
-from fedkd.seeding import derive_seed, torch_generator
+from fedkd.seeding import derive_seed, seed_torch, torch_generator
 from fedkd.selection import server_strategy, teacher_reads
 from fedkd.server_node import ServerNode
 from fedkd.strategy import ServerStrategy
@@ -269,7 +269,7 @@ class Federation:
         server.public_idx = idx
         server.generator = torch_generator(cfg.seed, "server", rnd)
         server.augment_generator = torch_generator(cfg.seed, "server-augment", rnd)
-        torch.manual_seed(derive_seed(cfg.seed, "server-global", rnd))
+        seed_torch(derive_seed(cfg.seed, "server-global", rnd))
         cids = self._sample(rnd)
         assert server.privacy is not None
         reason = server.privacy.stop_reason(rnd, cids)

@@ -299,8 +299,8 @@ def check_model_spec(spec: Spec, path: str) -> None:
 def build_model(spec: Spec, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
     """Instantiate ``spec`` with weights initialised from ``seed`` (not the global RNG)."""
     factory = MODELS.get(spec.name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: models start on it
+        torch.random.default_generator.manual_seed(seed)
         model = factory(tuple(input_shape), num_classes, **spec.params)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {spec.name!r} returned {type(model).__name__}, not an nn.Module")

@@ -90,8 +90,8 @@ class WeightedLoss(nn.Module):
         their initial weights come from it rather than the global RNG. New parameters are
         on the CPU: move the module with ``.to(device)`` afterwards."""
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+            if seed is not None:  # the CPU generator only: new parameters start on it
+                torch.random.default_generator.manual_seed(seed)
             for loss in self.losses:
                 loss.setup(student_dims, teacher_dims)
 
