@@ -70,7 +70,9 @@ def _check_idx(idx: np.ndarray, public_idx: np.ndarray | None) -> None:
         raise PayloadError("covers other public indices than requested")
 
 
-def _check_finite(name: str, values: np.ndarray) -> None:
+def check_finite(name: str, values: np.ndarray) -> None:
+    """Refuse a payload array that is not floating point or holds NaN/inf (PayloadError
+    naming ``name``): for the ``validate`` of a payload type of your own."""
     if not np.issubdtype(values.dtype, np.floating):
         raise PayloadError(f"{name} must be floating point, got {values.dtype}")
     if not np.isfinite(values).all():
@@ -93,7 +95,7 @@ class Logits(Payload):
             raise PayloadError(
                 f"values have shape {self.values.shape}, expected ({len(self.idx)}, {num_classes})"
             )
-        _check_finite("values", self.values)
+        check_finite("values", self.values)
 
     @staticmethod
     def mean(payloads: Sequence[Logits], weights: Sequence[float] | None = None) -> Logits:
@@ -126,7 +128,7 @@ class EmbeddedLogits(Logits):
             raise PayloadError(
                 f"embedding has shape {self.embedding.shape}, expected ({len(self.idx)}, D)"
             )
-        _check_finite("embedding", self.embedding)
+        check_finite("embedding", self.embedding)
 
 
 @PAYLOADS.register("prototypes")
@@ -145,8 +147,8 @@ class Prototypes(Payload):
             raise PayloadError(f"means have shape {self.means.shape}, expected ({num_classes}, D)")
         if self.counts.shape != (num_classes,):
             raise PayloadError(f"counts have shape {self.counts.shape}, expected ({num_classes},)")
-        _check_finite("means", self.means)
-        _check_finite("counts", self.counts.astype(np.float64))
+        check_finite("means", self.means)
+        check_finite("counts", self.counts.astype(np.float64))
         if (self.counts < 0).any():
             raise PayloadError("counts must be >= 0")
 
@@ -167,7 +169,7 @@ class SoftLabels(Payload):
             raise PayloadError(
                 f"probs have shape {self.probs.shape}, expected ({len(self.idx)}, {num_classes})"
             )
-        _check_finite("probs", self.probs)
+        check_finite("probs", self.probs)
         if len(self.probs) and (self.probs.min() < -1e-6 or self.probs.max() > 1 + 1e-6):
             raise PayloadError("probs must lie in [0, 1]")
         worst = float(np.abs(self.probs.sum(axis=1) - 1).max()) if len(self.probs) else 0.0
@@ -199,8 +201,8 @@ class ClassLogits(Payload):
             raise PayloadError(f"means have shape {self.means.shape}, expected ({c}, {c})")
         if self.counts.shape != (c,):
             raise PayloadError(f"counts have shape {self.counts.shape}, expected ({c},)")
-        _check_finite("means", self.means)
-        _check_finite("counts", self.counts.astype(np.float64))
+        check_finite("means", self.means)
+        check_finite("counts", self.counts.astype(np.float64))
         if (self.counts < 0).any():
             raise PayloadError("counts must be >= 0")
 
@@ -306,7 +308,7 @@ class Weights(Payload):
             raise PayloadError("weights payload is empty")
         for name, a in self.tensors.items():
             if np.issubdtype(a.dtype, np.floating):
-                _check_finite(name, a)
+                check_finite(name, a)
             elif not np.issubdtype(a.dtype, np.integer):
                 raise PayloadError(f"{name} has unsupported dtype {a.dtype}")
 

@@ -48,6 +48,7 @@ from fedkd.payloads import (
     Prototypes,
     SoftLabels,
     Weights,
+    check_finite,
 )
 from fedkd.registry import Registry
 from fedkd.server_node import ServerNode
@@ -73,6 +74,7 @@ __all__ = [
     "ServerStrategy",
     "SoftLabels",
     "Weights",
+    "check_finite",
     "load_weights",
     "make_params",
     "model_weights",

@@ -78,6 +78,7 @@ from fedkd.strategy import (
     Metrics,
     ServerNode,
     ServerStrategy,
+    check_finite,
     make_params,
 )
 from strategies.fedproto import check_widths, known_input_shape
@@ -86,13 +87,6 @@ STATE_KEY = "fedgkt"  # server.state: model, optimizer, dim, features and logits
 
 
 # --- payloads ---------------------------------------------------------------------------
-
-
-def _finite(name: str, a: np.ndarray) -> None:
-    if not np.issubdtype(a.dtype, np.floating):
-        raise PayloadError(f"{name} must be floating point, got {a.dtype}")
-    if not np.isfinite(a).all():
-        raise PayloadError(f"{name} has {int((~np.isfinite(a)).sum())} non-finite values")
 
 
 @PAYLOADS.register("gkt_features")
@@ -120,8 +114,8 @@ class GKTFeatures(Payload):
             )
         if n and not 0 <= self.labels.min() <= self.labels.max() < num_classes:
             raise PayloadError(f"labels must lie in 0..{num_classes - 1}")
-        _finite("features", self.features)
-        _finite("logits", self.logits)
+        check_finite("features", self.features)
+        check_finite("logits", self.logits)
 
 
 @PAYLOADS.register("gkt_logits")
@@ -138,7 +132,7 @@ class GKTLogits(Payload):
             raise PayloadError(
                 f"logits have shape {self.logits.shape}, expected (n, {num_classes})"
             )
-        _finite("logits", self.logits)
+        check_finite("logits", self.logits)
 
 
 # --- parameters -------------------------------------------------------------------------
