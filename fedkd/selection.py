@@ -37,7 +37,7 @@ def _refuse_own_loss_lists(config: Config) -> None:
         configured = client_losses(config, cid)
         if configured is None:
             continue
-        cls = type(client_strategy(config, cid))
+        cls = _client_choice(config, cid)[0]  # the class only: no params built
         if cls.own_loss is not None:
             raise ConfigError(
                 configured[1],
@@ -86,6 +86,12 @@ def client_strategy(config: Config, cid: int) -> ClientStrategy:
     An explicit entry whose ``Params`` class is the server strategy's takes the
     ``[strategy]`` parameters as defaults for the ones it does not set.
     """
+    cls, params, path = _client_choice(config, cid)
+    return cls(make_params(cls.Params, params, path))
+
+
+def _client_choice(config: Config, cid: int) -> tuple[type[ClientStrategy], dict, str]:
+    """Client ``cid``'s strategy class, its params (not yet validated) and their path."""
     server_cls = SERVER_STRATEGIES.get(config.strategy.name)
     for key, spec in config.clients.strategies.items():
         if cid in parse_id_range(key, config.clients.count, "clients.strategies"):
@@ -93,10 +99,10 @@ def client_strategy(config: Config, cid: int) -> ClientStrategy:
             params = spec.params
             if cls.Params is server_cls.Params:  # same family: [strategy] params are defaults
                 params = {**config.strategy.params, **spec.params}
-            return cls(make_params(cls.Params, params, f"clients.strategies.{key}"))
+            return cls, params, f"clients.strategies.{key}"
     cls = server_cls.client_strategy
     params = config.strategy.params
     if cls.Params is not server_cls.Params:  # e.g. feddf's clients run fedavg's client side
         names = {f.name for f in fields(cls.Params)}
         params = {k: v for k, v in params.items() if k in names}
-    return cls(make_params(cls.Params, params, "strategy"))
+    return cls, params, "strategy"
