@@ -37,10 +37,28 @@ def client_losses(config: Config, cid: int) -> tuple[Any, str] | None:
     return None
 
 
+def clients_per_round(config: Config) -> int:
+    """How many clients a round samples (``clients.fraction`` of ``clients.count``)."""
+    n = config.clients.count
+    return min(n, max(1, round(config.clients.fraction * n)))
+
+
+def clients_per_message(config: Config, workers: int) -> int:
+    """How many clients one train message carries: ``simulation.clients_per_message``;
+    auto (0): 1, or, with ``simulation.vectorize``, a round's clients split evenly over
+    the ``workers`` that run at once (so each worker trains its share together)."""
+    sim = config.simulation
+    if sim.clients_per_message:
+        return sim.clients_per_message
+    if not sim.vectorize:
+        return 1
+    return -(-clients_per_round(config) // max(1, workers))
+
+
 def sample_clients(config: Config, rnd: int) -> list[int]:
     """Clients sampled in round ``rnd`` (``clients.fraction`` of them, seeded)."""
     n = config.clients.count
-    k = max(1, round(config.clients.fraction * n))
+    k = clients_per_round(config)
     if k >= n:
         return list(range(n))
     rng = np.random.default_rng(derive_seed(config.seed, "sample", rnd))

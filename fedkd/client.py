@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from fedkd.assignment import client_losses, resolve_device, student_spec
 from fedkd.client_node import LOSSES_KEY, ClientNode
 from fedkd.config import Config
-from fedkd.contracts import check_metrics, check_payload
+from fedkd.contracts import HookError, check_metrics, check_payload, describe
 from fedkd.data import load_federated_data
 from fedkd.data.transforms import train_augment
 from fedkd.faults import byzantine_clients, byzantine_payload, flip_labels
@@ -197,24 +198,147 @@ class ClientRuntime:
         """One round for client ``cid``: restore, train, predict, release, evaluate, save
         (in ``store``, default the runtime's: e.g. the state a message carries)."""
         start = time.perf_counter()
-        cfg = self.config
-        if not 0 <= cid < cfg.clients.count:
-            raise ValueError(f"client id {cid} outside 0..{cfg.clients.count - 1}")
+        self._check_targets(targets)
+        strategy, node = self._begin(cid, rnd, store)
+        trained = check_metrics(strategy, "train", strategy.train(node, targets))
+        return self._finish(strategy, node, trained, public_idx, store, start)
+
+    def train_many(
+        self,
+        cids: Sequence[int],
+        rnd: int,
+        targets: Payload | None,
+        public_idx: np.ndarray,
+        store: StateStore | None = None,
+        *,
+        together: bool = False,
+    ) -> dict[int, TrainReply | Exception]:
+        """Several clients' rounds in this process (one message's worth: no task per
+        client). Each client's reply, or the exception that ended its round (the others
+        go on). ``together``: clients of the same strategy and params are trained by one
+        call of :meth:`ClientStrategy.train_group` (e.g. vectorised, :mod:`fedkd.vectorize`);
+        otherwise one after another, exactly as :meth:`train`."""
+        out: dict[int, TrainReply | Exception] = {}
+        for group in self._groups(cids) if together else [[cid] for cid in cids]:
+            if len(group) == 1:  # exactly as train()
+                out[group[0]] = self._one(group[0], rnd, targets, public_idx, store)
+            else:
+                out.update(self._train_group(group, rnd, targets, public_idx, store))
+        return {cid: out[cid] for cid in cids}
+
+    def _groups(self, cids: Sequence[int]) -> list[list[int]]:
+        """``cids`` grouped by strategy class and params where the strategy trains in groups
+        (:meth:`ClientStrategy.train_group`); the others alone. First-seen order."""
+        groups: dict[Any, list[int]] = {}
+        for cid in cids:
+            cls, params = self._strategies[cid]
+            key = (cls, repr(params)) if cls.trains_in_groups() else cid
+            groups.setdefault(key, []).append(cid)
+        return list(groups.values())
+
+    def _one(
+        self,
+        cid: int,
+        rnd: int,
+        targets: Payload | None,
+        public_idx: np.ndarray,
+        store: StateStore | None,
+    ) -> TrainReply | Exception:
+        try:
+            return self.train(cid, rnd, targets, public_idx, store)
+        except Exception as err:  # a failing client must not end the others' rounds
+            return err
+
+    def _train_group(
+        self,
+        cids: list[int],
+        rnd: int,
+        targets: Payload | None,
+        public_idx: np.ndarray,
+        store: StateStore | None,
+    ) -> dict[int, TrainReply | Exception]:
+        """Clients of one strategy and params: each restored, all trained by one call of
+        :meth:`ClientStrategy.train_group`, each finished alone. A client is charged its
+        own time plus an equal share of the group's training."""
+        out: dict[int, TrainReply | Exception] = {}
+        try:
+            self._check_targets(targets)
+        except TargetsError as err:
+            return {cid: err for cid in cids}
+        begun: dict[int, tuple[ClientStrategy, ClientNode, float]] = {}
+        for cid in cids:
+            start = time.perf_counter()
+            try:
+                strategy, node = self._begin(cid, rnd, store)
+                begun[cid] = (strategy, node, time.perf_counter() - start)
+            except Exception as err:  # this client only
+                out[cid] = err
+        if not begun:
+            return out
+        start = time.perf_counter()
+        try:
+            trained = self._trained_together(begun, targets)
+        except Exception as err:  # the group trained as one: each of its clients failed
+            return {**out, **{cid: err for cid in begun}}
+        share = (time.perf_counter() - start) / len(begun)
+        for (cid, (strategy, node, spent)), metrics in zip(begun.items(), trained, strict=True):
+            began = time.perf_counter() - spent - share  # as if it had run alone
+            try:
+                out[cid] = self._finish(strategy, node, metrics, public_idx, store, began)
+            except Exception as err:
+                out[cid] = err
+        return out
+
+    @staticmethod
+    def _trained_together(
+        begun: dict[int, tuple[ClientStrategy, ClientNode, float]], targets: Payload | None
+    ) -> list[dict[str, float]]:
+        """One call of the first strategy's ``train_group`` on all the nodes, checked."""
+        strategy = next(iter(begun.values()))[0]
+        nodes = [node for _, node, _ in begun.values()]
+        trained = strategy.train_group(nodes, targets)
+        if not isinstance(trained, list) or len(trained) != len(nodes):
+            raise HookError(
+                f"{type(strategy).__name__}.train_group returned {describe(trained)}; the "
+                f"contract expects a list of {len(nodes)} metrics dicts, one per node"
+            )
+        return [check_metrics(strategy, "train_group", m) for m in trained]
+
+    def _check_targets(self, targets: Payload | None) -> None:
         if targets is not None:
             try:
                 targets.validate(num_classes=self.data.num_classes)
             except PayloadError as err:
                 why = f"invalid {targets.kind} targets from the server: {err}"
                 raise TargetsError(why) from err
+
+    def _begin(
+        self, cid: int, rnd: int, store: StateStore | None
+    ) -> tuple[ClientStrategy, ClientNode]:
+        """Client ``cid``'s strategy (a fresh instance) and node, restored from ``store``
+        (set up by the strategy where the client is new)."""
+        cfg = self.config
+        if not 0 <= cid < cfg.clients.count:
+            raise ValueError(f"client id {cid} outside 0..{cfg.clients.count - 1}")
         seed_torch(derive_seed(cfg.seed, "client-global", rnd, cid))
         cls, params = self._strategies[cid]
         strategy = cls(params)  # a fresh instance each round: no state outside node.state
-        store = self.store if store is None else store
-        state = store.load(cid, rnd)
+        state = (self.store if store is None else store).load(cid, rnd)
         node = self._node(cid, rnd, state, strategy)
         if state is None:
             strategy.setup(node)
-        trained = check_metrics(strategy, "train", strategy.train(node, targets))
+        return strategy, node
+
+    def _finish(
+        self,
+        strategy: ClientStrategy,
+        node: ClientNode,
+        trained: dict[str, float],
+        public_idx: np.ndarray,
+        store: StateStore | None,
+        start: float,
+    ) -> TrainReply:
+        """After training: predict, release, evaluate, save; the reply."""
         metrics = {f"train_{k}": v for k, v in trained.items()}
         payload = check_payload(strategy, "predict", strategy.predict(node, public_idx))
         metrics.update(self.mechanism.report(node))  # e.g. DP-SGD's steps and epsilon
@@ -224,8 +348,8 @@ class ClientRuntime:
         metrics.update({f"eval_{k}": v for k, v in extra.items()})
         metrics["num_examples"] = float(node.num_examples)
         metrics["seconds"] = time.perf_counter() - start
-        store.save(cid, rnd, dump_state(node))
-        return TrainReply(cid, payload, metrics)
+        (self.store if store is None else store).save(node.cid, node.round, dump_state(node))
+        return TrainReply(node.cid, payload, metrics)
 
     def _release(self, node: ClientNode, payload: Payload | None) -> Payload | None:
         """What leaves the client: the payload after local DP noise, or, from a Byzantine

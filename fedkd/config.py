@@ -407,6 +407,14 @@ class SimulationConfig:
     ray_address: str = ""
     round_timeout: float = 600.0  # seconds to wait for replies before a round goes on
     verbose: bool = False  # show Flower's and Ray's own logs
+    # clients one train message carries: a worker runs them in one task, without a task
+    # (and its messages) per client; 0 = auto: 1, or, with vectorize, a round's clients
+    # split evenly over the workers that run at once
+    clients_per_message: int = 0
+    # train a message's clients of the same strategy and params together where the
+    # strategy can (ClientStrategy.train_group; kd: torch.func, clients of the same
+    # architecture and private-set size); the rest one by one, with the reason logged
+    vectorize: bool = False
 
     def __post_init__(self) -> None:
         if self.backend != "ray":
@@ -416,6 +424,7 @@ class SimulationConfig:
             _positive("num_gpus", self.num_gpus, strict=False)
         _positive("threads", self.threads)
         _positive("round_timeout", self.round_timeout)
+        _positive("clients_per_message", self.clients_per_message, strict=False)
         _check_ray_address("ray_address", self.ray_address)
         in_args = self.ray_init_args.get("address")
         if in_args is not None:

@@ -73,6 +73,15 @@ class Interrupted(Exception):
     """A stop was requested (Ctrl-C): the loop ends between rounds or while waiting."""
 
 
+def by_targets(requests: dict[int, Payload | None]) -> list[tuple[Payload | None, list[int]]]:
+    """A round's requested clients grouped by the targets object each gets (first-seen
+    order): clients of a group may share one message, or train together."""
+    groups: dict[int, tuple[Payload | None, list[int]]] = {}
+    for cid, targets in requests.items():
+        groups.setdefault(id(targets), (targets, []))[1].append(cid)
+    return list(groups.values())
+
+
 class Transport(Protocol):
     """Delivers a round's request to clients and collects their replies."""
 

@@ -40,6 +40,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedkd.assignment import clients_per_message, clients_per_round
 from fedkd.client import TargetsError, TrainReply, get_runtime
 from fedkd.config import Config
 from fedkd.contracts import one_line
@@ -51,6 +52,7 @@ from fedkd.federation import (
     RoundCallback,
     RunFailed,
     StopSignal,
+    by_targets,
 )
 from fedkd.payloads import Payload
 from fedkd.results.rundir import atomic_write_bytes, plain_text
@@ -63,9 +65,15 @@ log = logging.getLogger("fedkd")
 def _error_reply(msg: Message, cid: int, err: BaseException) -> Message:
     """A reply that reports a failure in one plain line, with the traceback beside it
     (so Flower and Ray print nothing, and the server logs it once to errors.log)."""
+    return Message(RecordDict({"error": _error_record(cid, err)}), reply_to=msg)
+
+
+def _error_record(cid: int, err: BaseException) -> ConfigRecord:
+    """Client ``cid``'s failure: one plain line, which side caused it, the traceback."""
     f = Failure.from_exception(cid, err)
-    content = {"cid": cid, "error": f.error, "side": f.side, "traceback": f.traceback or ""}
-    return Message(RecordDict({"error": ConfigRecord(content)}), reply_to=msg)
+    return ConfigRecord(
+        {"cid": cid, "error": f.error, "side": f.side, "traceback": f.traceback or ""}
+    )
 
 
 @dataclass
@@ -118,19 +126,19 @@ def ship_data(paths: Iterable[str]) -> dict[str, DataFile]:
 
 
 class CarriedState:
-    """The state store of one request whose client state travels in the messages:
-    ``load`` gives the state the server sent (its newest from before the round), and
-    ``save`` keeps the new state for the reply."""
+    """The state store of one request whose clients' states travel in the messages:
+    ``load`` gives the state the server sent for a client (its newest from before the
+    round), and ``save`` keeps the new one for the reply."""
 
-    def __init__(self, blob: bytes | None) -> None:
-        self.blob = blob
-        self.saved: bytes | None = None
+    def __init__(self, blobs: dict[int, bytes]) -> None:
+        self.blobs = blobs
+        self.saved: dict[int, bytes] = {}
 
     def load(self, cid: int, before_round: int) -> bytes | None:
-        return self.blob
+        return self.blobs.get(cid)
 
     def save(self, cid: int, rnd: int, blob: bytes) -> None:
-        self.saved = blob
+        self.saved[cid] = blob
 
 
 def make_client_app(
@@ -164,20 +172,22 @@ def make_client_app(
 
     @app.query("train")
     def train(msg: Message, context: Context) -> Message:
-        cid = -1
         try:
-            cid = int(msg.content.config_records["client"]["cid"])  # this message's client
-            return Message(_train(msg.content, cid, runtime_of), reply_to=msg)
-        except Exception as err:
-            return _error_reply(msg, cid, err)
+            return Message(_train(msg.content, runtime_of), reply_to=msg)
+        except Exception as err:  # e.g. unreadable targets: every client of the message
+            return _error_reply(msg, -1, err)
 
     return app
 
 
-def _train(content: RecordDict, cid: int, runtime_of: Any) -> RecordDict:
-    """Client ``cid``'s round as a train message asks it: the reply's content."""
+def _train(content: RecordDict, runtime_of: Any) -> RecordDict:
+    """The rounds of the clients a train message names (``client.cids``), as it asks
+    them: the reply's content, with each client's records suffixed by its position in
+    the message (``meta.0``, ``metrics.0``, ``payload.0``, ``state.0``; ``error.0``
+    where that client's round raised)."""
     config = content.config_records["config"]
     rnd = int(config["round"])
+    cids = [int(c) for c in content.config_records["client"]["cids"]]
     idx = content.array_records["query"]["public_idx"].numpy()
     runtime = runtime_of(int(config.get("run", 0)))
     targets = None
@@ -189,20 +199,24 @@ def _train(content: RecordDict, cid: int, runtime_of: Any) -> RecordDict:
             raise TargetsError(f"unreadable {kind} targets from the server: {err}") from err
     carried = None
     if config.get("carry_state", False):
-        state = content.config_records.get("state")
-        carried = CarriedState(None if state is None else bytes(state["blob"]))
-    reply = runtime.train(cid, rnd, targets, idx, store=carried)
-    kind = reply.payload.kind if reply.payload else ""
-    out = RecordDict(
-        {
-            "meta": ConfigRecord({"cid": cid, "kind": kind}),
-            "metrics": MetricRecord(reply.metrics),
-        }
-    )
-    if reply.payload is not None:
-        out["payload"] = payload_to_record(reply.payload)
-    if carried is not None and carried.saved is not None:
-        out["state"] = ConfigRecord({"blob": carried.saved})
+        blobs = {cid: bytes(content.config_records[f"state.{cid}"]["blob"]) for cid in cids
+                 if f"state.{cid}" in content.config_records}  # fmt: skip
+        carried = CarriedState(blobs)
+    together = runtime.config.simulation.vectorize
+    replies = runtime.train_many(cids, rnd, targets, idx, store=carried, together=together)
+    out = RecordDict()
+    for i, cid in enumerate(cids):
+        reply = replies[cid]
+        if isinstance(reply, Exception):
+            out[f"error.{i}"] = _error_record(cid, reply)
+            continue
+        kind = reply.payload.kind if reply.payload else ""
+        out[f"meta.{i}"] = ConfigRecord({"cid": cid, "kind": kind})
+        out[f"metrics.{i}"] = MetricRecord(reply.metrics)
+        if reply.payload is not None:
+            out[f"payload.{i}"] = payload_to_record(reply.payload)
+        if carried is not None and cid in carried.saved:
+            out[f"state.{i}"] = ConfigRecord({"blob": carried.saved[cid]})
     return out
 
 
@@ -220,17 +234,23 @@ def _reported_failure(cid: int, reply: Message) -> Failure | None:
     return None
 
 
-def _read_reply(cid: int, reply: Message) -> TrainReply | Failure:
-    """A client's reply message as a TrainReply, or the Failure it reports."""
+def _read_reply(i: int, cid: int, reply: Message) -> TrainReply | Failure:
+    """The ``i``-th client's part of a reply message (client ``cid``) as a TrainReply, or
+    the Failure it reports (the whole message's failure, e.g. a dead worker, is each of
+    its clients')."""
     failure = _reported_failure(cid, reply)
     if failure is not None:
-        return failure
-    meta = reply.content.config_records["meta"]
-    metrics = {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
+        return Failure(cid, failure.error, failure.side, failure.traceback)
+    records = reply.content.config_records
+    if f"error.{i}" in records:
+        e = records[f"error.{i}"]
+        return Failure(cid, str(e["error"]), str(e["side"]), str(e["traceback"]) or None)
+    meta = records[f"meta.{i}"]
+    metrics = {k: float(v) for k, v in reply.content.metric_records[f"metrics.{i}"].items()}
     payload = None
     if meta["kind"]:
         try:
-            payload = record_to_payload(str(meta["kind"]), reply.content["payload"])
+            payload = record_to_payload(str(meta["kind"]), reply.content[f"payload.{i}"])
         except Exception as err:  # unknown kind or missing arrays: the client's fault
             error = f"unreadable {meta['kind']} payload: {one_line(err)}"
             return Failure(cid, error, metrics=metrics)  # it was sent: privacy is charged
@@ -252,8 +272,10 @@ class FlowerTransport:
         stop: StopSignal | None = None,
         run: int = 0,
         states: StateStore | None = None,
+        per_message: int = 1,
     ) -> None:
         self.grid = grid
+        self.per_message = per_message  # clients one message carries
         self.nodes = list(nodes)  # node ids by slot: a round's i-th client goes to slot i
         self.timeout = timeout
         self.stop = stop
@@ -262,50 +284,48 @@ class FlowerTransport:
 
     def _messages(
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
-    ) -> list[Message]:
+    ) -> tuple[list[Message], list[list[int]]]:
+        """The round's train messages, and the clients each carries (clients that share
+        a targets object, up to ``per_message`` of them)."""
         query = arrays_to_record({"public_idx": public_idx})
-        records: dict[int, RecordDict] = {}  # one record per distinct targets object
-        messages = []
-        for cid, targets in requests.items():
-            if id(targets) not in records:
-                config: dict[str, Any] = {"round": rnd, "run": self.run}
-                content = RecordDict({"query": query})
-                if targets is not None:
-                    content["targets"] = payload_to_record(targets)
-                    config["targets_kind"] = targets.kind
-                if self.states is not None:
-                    config["carry_state"] = True
-                content["config"] = ConfigRecord(config)
-                records[id(targets)] = content
-            content = RecordDict(dict(records[id(targets)].items()))  # shared records, and:
-            content["client"] = ConfigRecord({"cid": cid})  # whom this message is for
+        messages, groups = [], []
+        for targets, cids in by_targets(requests):
+            config: dict[str, Any] = {"round": rnd, "run": self.run}
+            shared = RecordDict({"query": query})
+            if targets is not None:
+                shared["targets"] = payload_to_record(targets)
+                config["targets_kind"] = targets.kind
             if self.states is not None:
-                blob = self.states.load(cid, rnd)
-                if blob is not None:
-                    content["state"] = ConfigRecord({"blob": blob})
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=self.nodes[len(messages) % len(self.nodes)],
-                    message_type="query.train",
-                    group_id=str(rnd),
-                )
-            )
-        return messages
+                config["carry_state"] = True
+            shared["config"] = ConfigRecord(config)
+            for start in range(0, len(cids), self.per_message):
+                group = cids[start : start + self.per_message]
+                content = RecordDict(dict(shared.items()))  # shared records, and:
+                content["client"] = ConfigRecord({"cids": group})  # whom it is for
+                for cid in group if self.states is not None else ():
+                    blob = self.states.load(cid, rnd)
+                    if blob is not None:
+                        content[f"state.{cid}"] = ConfigRecord({"blob": blob})
+                node = self.nodes[len(messages) % len(self.nodes)]
+                messages.append(
+                    Message(content, dst_node_id=node, message_type="query.train",
+                            group_id=str(rnd))
+                )  # fmt: skip
+                groups.append(group)
+        return messages, groups
 
     def train(
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
     ) -> dict[int, TrainReply | Failure]:
-        messages = self._messages(rnd, requests, public_idx)
-        cids = list(requests)  # in the order of the messages
+        messages, groups = self._messages(rnd, requests, public_idx)
         out: dict[int, TrainReply | Failure] = {}
-        for i, reply in send_and_wait(self.grid, messages, self.timeout, self.stop, f"round {rnd}"):
-            cid = cids[i]
-            out[cid] = _read_reply(cid, reply)
-            if self.states is not None and not reply.has_error():
-                state = reply.content.config_records.get("state")
-                if state is not None:  # as the client would have saved it itself
-                    self.states.save(cid, rnd, bytes(state["blob"]))
+        for m, reply in send_and_wait(self.grid, messages, self.timeout, self.stop, f"round {rnd}"):
+            for i, cid in enumerate(groups[m]):
+                out[cid] = _read_reply(i, cid, reply)
+                if self.states is not None and not reply.has_error():
+                    state = reply.content.config_records.get(f"state.{i}")
+                    if state is not None:  # as the client would have saved it itself
+                        self.states.save(cid, rnd, bytes(state["blob"]))
         for cid in requests:
             out.setdefault(cid, Failure(cid, f"no reply within {self.timeout:g} s"))
         return out
@@ -365,15 +385,25 @@ def _handshake(
     return mapping
 
 
-def flower_nodes(config: Config) -> int:
-    """How many Flower SuperNodes simulate the clients: as many as a round samples
-    (``clients.fraction`` of ``clients.count``), each serving whichever client a message
+def flower_nodes(config: Config, workers: int | None = None) -> int:
+    """How many Flower SuperNodes simulate the clients: as many as a round's messages
+    (a round's sampled clients, ``clients_per_message`` to a message: see
+    :func:`fedkd.assignment.clients_per_message`; ``workers``: how many clients run at
+    once, default :func:`local_workers`), each serving whichever clients a message
     names. Client state is keyed by client id, so which node serves a client changes
     nothing; a strategy that samples more is served round-robin (slower, not wrong).
     Fewer nodes than clients keep Flower's in-memory link state small: it scans every
     node against every stored message, so 10,000 nodes stall start-up for hours."""
-    n = config.clients.count
-    return min(n, max(1, round(config.clients.fraction * n)))
+    workers = local_workers(config) if workers is None else workers
+    per_message = clients_per_message(config, workers)
+    return -(-clients_per_round(config) // per_message)
+
+
+def local_workers(config: Config) -> int:
+    """How many clients a Ray started on this machine runs at once: its CPUs
+    (``simulation.ray_init_args.num_cpus``, else all) over ``simulation.num_cpus``."""
+    cpus = config.simulation.ray_init_args.get("num_cpus") or os.cpu_count() or 1
+    return max(1, int(float(cpus) / config.simulation.num_cpus))
 
 
 def make_server_app(
@@ -381,6 +411,7 @@ def make_server_app(
     stop: StopSignal | None = None,
     keep_going: bool = False,
     carry_state: bool = False,
+    workers: int | None = None,
 ) -> ServerApp:
     """A ServerApp that runs (or continues) each job's federation in turn, on the same
     simulated clients; each job's ``box`` gets ``rounds_started``. A failed federation
@@ -393,7 +424,9 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         timeout = config.simulation.round_timeout
-        slots = flower_nodes(config)
+        workers_ = local_workers(config) if workers is None else workers
+        slots = flower_nodes(config, workers_)
+        per_message = clients_per_message(config, workers_)
         nodes = _wait_for_nodes(grid, slots, timeout, stop)
         mapping = _handshake(grid, nodes, timeout, stop)
         missing = sorted(set(range(slots)) - set(mapping))
@@ -403,7 +436,7 @@ def make_server_app(
         for run, job in enumerate(jobs):
             job.box["rounds_started"] = time.time()
             states = DiskStateStore(job.state_dir) if carry_state else None
-            transport = FlowerTransport(grid, by_slot, timeout, stop, run, states)
+            transport = FlowerTransport(grid, by_slot, timeout, stop, run, states, per_message)
             try:
                 job.federation.run(transport, job.on_round, stop=stop, errors=job.errors)
             except RunFailed as err:
@@ -487,10 +520,11 @@ def _check_reachable(address: str) -> None:
         ) from err
 
 
-def attach_cluster(config: Config) -> dict[str, Any]:
+def attach_cluster(config: Config) -> tuple[dict[str, Any], int]:
     """Connect this process to the running Ray cluster ``simulation.ray_address`` names,
     check that it can host a client, and return the backend settings for it (Flower's
-    Ray backend uses this connection, and ends only it, not the cluster)."""
+    Ray backend uses this connection, and ends only it, not the cluster) and how many
+    clients it runs at once."""
     import ray
 
     init_args = ray_init_args(config)
@@ -523,7 +557,7 @@ def attach_cluster(config: Config) -> dict[str, Any]:
         "attached to the Ray cluster at %s: %d node(s), %g CPUs, %g GPUs; %d client(s) at a time",
         address, len(nodes), cpus, gpus, fit,
     )  # fmt: skip
-    return {"client_resources": resources, "init_args": init_args}
+    return {"client_resources": resources, "init_args": init_args}, fit
 
 
 @contextlib.contextmanager
@@ -593,14 +627,14 @@ def run_flower_jobs(
         try:
             files: dict[str, DataFile] = {}
             if cluster:  # its nodes may share neither this disk nor each other's
-                backend = attach_cluster(config)
+                backend, workers = attach_cluster(config)
                 files = ship_data(j.data_path for j in jobs)
             else:
-                backend = backend_config(config)
+                backend, workers = backend_config(config), local_workers(config)
             run_simulation(
-                server_app=make_server_app(jobs, halt, keep_going, carry_state=cluster),
+                server_app=make_server_app(jobs, halt, keep_going, cluster, workers),
                 client_app=make_client_app(jobs, files),
-                num_supernodes=flower_nodes(config),
+                num_supernodes=flower_nodes(config, workers),
                 backend_name=config.simulation.backend,
                 backend_config=backend,
                 verbose_logging=config.simulation.verbose,

@@ -12,13 +12,15 @@ import numpy as np
 
 from fedkd.client import ClientRuntime, TrainReply
 from fedkd.config import Config
-from fedkd.federation import Failure
+from fedkd.federation import Failure, by_targets
 from fedkd.payloads import Payload
 from fedkd.state_store import StateStore
 
 
 class InlineTransport:
-    """Runs each sampled client's round in this process, in client-id order.
+    """Runs each sampled client's round in this process, in client-id order (with
+    ``simulation.vectorize``, clients that get the same targets and share a strategy that
+    trains in groups are trained together, as one worker under Flower would).
 
     ``store``: where client state lives between rounds (default: this process's memory).
     """
@@ -29,10 +31,11 @@ class InlineTransport:
     def train(
         self, rnd: int, requests: dict[int, Payload | None], public_idx: np.ndarray
     ) -> dict[int, TrainReply | Failure]:
+        together = self.runtime.config.simulation.vectorize
         replies: dict[int, TrainReply | Failure] = {}
-        for cid, targets in sorted(requests.items()):
-            try:
-                replies[cid] = self.runtime.train(cid, rnd, targets, public_idx)
-            except Exception as err:  # a failing client must not end the run
-                replies[cid] = Failure.from_exception(cid, err)
-        return replies
+        for targets, cids in by_targets(dict(sorted(requests.items()))):
+            done = self.runtime.train_many(cids, rnd, targets, public_idx, together=together)
+            for cid, reply in done.items():  # a failing client does not end the run
+                failed = isinstance(reply, Exception)
+                replies[cid] = Failure.from_exception(cid, reply) if failed else reply
+        return dict(sorted(replies.items()))

@@ -125,6 +125,12 @@ class ClientStrategy(ABC):
     def __init__(self, params: Any = None) -> None:
         self.params = self.Params() if params is None else params
 
+    @classmethod
+    def trains_in_groups(cls) -> bool:
+        """Whether this strategy overrides :meth:`train_group` (``simulation.vectorize``
+        then hands it a message's clients of the same params at once)."""
+        return cls.train_group is not ClientStrategy.train_group
+
     def setup(self, node: ClientNode) -> None:  # noqa: B027 - optional hook
         """Called once, the first time this client is sampled, after its student is built
         (e.g. FedMD's transfer-learning warm-up)."""
@@ -134,6 +140,16 @@ class ClientStrategy(ABC):
         """Learn this round: digest the server's ``targets`` (None in round 1 unless the
         server strategy sends initial targets) and/or train on private data. May change
         ``node.model``, ``node.optimizer`` and ``node.state``."""
+
+    def train_group(self, nodes: list[ClientNode], targets: Payload | None) -> list[Metrics]:
+        """:meth:`train` for several clients of this strategy and params at once, one
+        metrics dict per node, in order; called instead of :meth:`train` only where
+        ``simulation.vectorize`` is on and the strategy overrides it. Override to train
+        them together, e.g. with :func:`fedkd.vectorize.train_private_group` (the
+        ``train_private`` loop vectorised over clients of the same architecture); the
+        results must equal :meth:`train` on each node within float tolerance. Default:
+        :meth:`train` on each node in turn."""
+        return [self.train(node, targets) for node in nodes]
 
     @abstractmethod
     def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload | None:

@@ -179,7 +179,11 @@ def test_carried_client_state_gives_the_in_process_numbers(tmp_path, monkeypatch
     inline = Federation(cfg, data).run(InlineTransport(cfg, str(path)))
     assert _students(carried) == _students(inline)
     assert [r.server_accuracy for r in carried] == [r.server_accuracy for r in inline]
-    states = [m.content.config_records.get("state") for m in grid.sent]
+    states = [
+        m.content.config_records.get(f"state.{c}")
+        for m in grid.sent
+        for c in m.content.config_records["client"]["cids"]
+    ]
     count = cfg.clients.count
     assert states[:count] == [None] * count  # round 1: nothing saved yet
     assert all(s is not None and len(s["blob"]) > 0 for s in states[count:])  # round 2
