@@ -28,7 +28,7 @@ from fedkd.models import build_model
 from fedkd.payloads import Payload, PayloadError
 from fedkd.privacy.mechanism import mechanism_of
 from fedkd.privacy.noise import NoiseSource
-from fedkd.seeding import derive_seed, seed_torch, torch_generator
+from fedkd.seeding import derive_seed, seed_client_round, torch_generator
 from fedkd.selection import client_strategy, server_strategy
 from fedkd.state_store import DiskStateStore, MemoryStateStore, StateStore
 from fedkd.strategy import ClientStrategy
@@ -320,7 +320,7 @@ class ClientRuntime:
         cfg = self.config
         if not 0 <= cid < cfg.clients.count:
             raise ValueError(f"client id {cid} outside 0..{cfg.clients.count - 1}")
-        seed_torch(derive_seed(cfg.seed, "client-global", rnd, cid))
+        seed_client_round(cfg.seed, rnd, cid)
         cls, params = self._strategies[cid]
         strategy = cls(params)  # a fresh instance each round: no state outside node.state
         state = (self.store if store is None else store).load(cid, rnd)

@@ -29,6 +29,12 @@ def seed_torch(seed: int) -> None:
         torch.random.default_generator.manual_seed(seed)
 
 
+def seed_client_round(seed: int, rnd: int, cid: int) -> None:
+    """Seed torch's global generators for client ``cid``'s round ``rnd`` (what the runtime
+    does before each client's round, and before each one a group trains one by one)."""
+    seed_torch(derive_seed(seed, "client-global", rnd, cid))
+
+
 def torch_generator(seed: int, purpose: str, *keys: int):  # -> torch.Generator
     """A CPU ``torch.Generator`` seeded with :func:`derive_seed`."""
     import torch

@@ -127,9 +127,16 @@ class ClientStrategy(ABC):
 
     @classmethod
     def trains_in_groups(cls) -> bool:
-        """Whether this strategy overrides :meth:`train_group` (``simulation.vectorize``
-        then hands it a message's clients of the same params at once)."""
-        return cls.train_group is not ClientStrategy.train_group
+        """Whether ``simulation.vectorize`` hands this strategy a message's clients of the
+        same params at once: it overrides :meth:`train_group`, in the class that defines
+        its :meth:`train` or a subclass of it (a subclass that overrides only ``train``
+        must not inherit a group path that skips its override)."""
+
+        def owner(name: str) -> type:
+            return next(k for k in cls.__mro__ if name in vars(k))
+
+        group = owner("train_group")
+        return group is not ClientStrategy and issubclass(group, owner("train"))
 
     def setup(self, node: ClientNode) -> None:  # noqa: B027 - optional hook
         """Called once, the first time this client is sampled, after its student is built

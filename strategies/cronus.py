@@ -39,6 +39,7 @@ from fedkd.strategy import (
     ServerNode,
     ServerStrategy,
 )
+from fedkd.vectorize import train_private_group
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ class CronusClient(ClientStrategy):
     def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
         kd = targets if isinstance(targets, SoftLabels) else None
         return node.train_private(kd=kd, kd_weight=self.params.kd_weight)
+
+    def train_group(self, nodes: list[ClientNode], targets: Payload | None) -> list[Metrics]:
+        """:meth:`train` vectorised over clients of one architecture (``simulation.vectorize``)."""
+        kd = targets if isinstance(targets, SoftLabels) else None
+        return train_private_group(nodes, kd=kd, kd_weight=self.params.kd_weight)
 
     def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload:
         return node.public_probs(public_idx)

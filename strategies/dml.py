@@ -69,6 +69,7 @@ from fedkd.strategy import (
     ServerNode,
     ServerStrategy,
 )
+from fedkd.vectorize import train_private_group
 
 #: where the server keeps the last round's peers: (sum of their probabilities, received)
 STATE_KEY = "dml"
@@ -115,6 +116,14 @@ class DMLClient(ClientStrategy):
         kd = targets if isinstance(targets, SoftLabels) else None
         return node.train_private(
             kd=kd, kd_weight=p.kd_weight, temperature=p.temperature, loss="prob_kl"
+        )
+
+    def train_group(self, nodes: list[ClientNode], targets: Payload | None) -> list[Metrics]:
+        """:meth:`train` vectorised over clients of one architecture (``simulation.vectorize``)."""
+        p = self.params
+        kd = targets if isinstance(targets, SoftLabels) else None
+        return train_private_group(
+            nodes, kd=kd, kd_weight=p.kd_weight, temperature=p.temperature, loss="prob_kl"
         )
 
     def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload:

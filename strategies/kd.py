@@ -29,6 +29,7 @@ from fedkd.strategy import (
     ServerNode,
     ServerStrategy,
 )
+from fedkd.vectorize import train_private_group
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ class KDClient(ClientStrategy):
         kd = targets if isinstance(targets, Logits) else None
         p = self.params
         return node.train_private(kd=kd, kd_weight=p.kd_weight, temperature=p.temperature)
+
+    def train_group(self, nodes: list[ClientNode], targets: Payload | None) -> list[Metrics]:
+        """:meth:`train` vectorised over clients of one architecture (``simulation.vectorize``)."""
+        kd = targets if isinstance(targets, Logits) else None
+        p = self.params
+        return train_private_group(nodes, kd=kd, kd_weight=p.kd_weight, temperature=p.temperature)
 
     def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload:
         return Logits(public_idx, node.public_logits(public_idx))

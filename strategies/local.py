@@ -14,6 +14,7 @@ from fedkd.strategy import (
     ServerNode,
     ServerStrategy,
 )
+from fedkd.vectorize import train_private_group
 
 
 @CLIENT_STRATEGIES.register("local")
@@ -22,6 +23,10 @@ class LocalClient(ClientStrategy):
 
     def train(self, node: ClientNode, targets: Payload | None) -> Metrics:
         return node.train_private()
+
+    def train_group(self, nodes: list[ClientNode], targets: Payload | None) -> list[Metrics]:
+        """:meth:`train` vectorised over clients of one architecture (``simulation.vectorize``)."""
+        return train_private_group(nodes)
 
     def predict(self, node: ClientNode, public_idx: np.ndarray) -> Payload | None:
         return None

@@ -108,6 +108,10 @@ def test_several_clients_a_message_give_the_in_process_numbers(tmp_path, monkeyp
     inline = Federation(plain, data).run(InlineTransport(plain, str(path)))
     assert [sorted(r.clients) for r in flower] == [sorted(r.clients) for r in inline]
     assert 4 not in flower[1].clients and [f.cid for f in flower[1].failures] == [4]
+    trained_together = {
+        c for r in flower for c, x in r.clients.items() if x.metrics.get("train_vectorized")
+    }
+    assert trained_together == ({0, 2, 3, 5} if vectorize else set())  # 1, 4: no partner
     if vectorize:  # float tolerance: batched kernels sum in another order
         for a, b in zip(_students(flower), _students(inline), strict=True):
             assert a.keys() == b.keys()
@@ -118,3 +122,12 @@ def test_several_clients_a_message_give_the_in_process_numbers(tmp_path, monkeyp
         assert [r.server_accuracy for r in flower] == [r.server_accuracy for r in inline]
     sizes = [len(m.content.config_records["client"]["cids"]) for m in grid.sent]
     assert sizes == [3, 3] * 3
+
+
+def test_a_subclass_that_overrides_train_alone_does_not_train_in_groups():
+    from strategies.kd import KDClient
+    from strategies.local import LocalClient
+    from tests.faulty import ExplodingClient
+
+    assert KDClient.trains_in_groups() and LocalClient.trains_in_groups()
+    assert not ExplodingClient.trains_in_groups()  # its train() would be skipped
