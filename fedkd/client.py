@@ -177,6 +177,17 @@ class ClientRuntime:
             losses=self._losses(cid, extra),
         )
 
+    def strategy_of(self, cid: int) -> tuple[type[ClientStrategy], Any]:
+        """Client ``cid``'s strategy class and params."""
+        return self._strategies[cid]
+
+    def fresh_node(self, cid: int, rnd: int = 1) -> tuple[ClientStrategy, ClientNode]:
+        """Client ``cid``'s strategy and a newly built node, as in its first round (no
+        state, no ``setup``): to inspect what the client would train with."""
+        cls, params = self._strategies[cid]
+        strategy = cls(params)
+        return strategy, self._node(cid, rnd, None, strategy)
+
     def _losses(self, cid: int, extra: dict[str, Any]) -> RoutedLoss | None:
         """The configured training loss (``strategy.losses``) of client ``cid``, with its
         learnable parts as the client last saved them."""

@@ -49,6 +49,7 @@ from fedkd.results.rundir import atomic_write_text
 from fedkd.results.seeds import SeedsSummary, plot_seeds, seed_folders, write_csv
 from fedkd.results.summary import outcome_of, summarize
 from fedkd.selection import client_strategy, server_strategy
+from fedkd.vectorize import start_notes
 
 log = logging.getLogger("fedkd")
 
@@ -190,6 +191,8 @@ def run(
     data, data_path = _prepare(cfg)
     out = RunDirectory.create(cfg)
     _say(quiet, _header(cfg, out.path))
+    for note in start_notes(cfg, str(data_path)):
+        _say(quiet, f"simulation.vectorize: {note}")
     return _execute(cfg, data, data_path, out, Federation(cfg, data), quiet=quiet, t0=t0)
 
 

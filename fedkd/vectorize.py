@@ -18,6 +18,7 @@ changed only once their group has finished.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from fedkd.client_node import ClientNode
+from fedkd.config import Config
 from fedkd.contracts import Metrics
 from fedkd.losses import KD_LOSSES, LogitMAE, LogitMSE, ProbKL, SoftKL
 from fedkd.payloads import Logits, Payload, SoftLabels
@@ -372,3 +374,41 @@ def _metrics(node: ClientNode, totals: torch.Tensor, steps: int, lr: float | Non
     """A node's metrics as ``train_on`` reports them (``train_supervised``'s means)."""
     loss, ce, kd = totals.tolist()
     return node._kept(None, _step_metrics({"loss": loss, "ce": ce, "kd": kd}, steps, lr))
+
+
+def start_notes(config: Config, data_path: str) -> list[str]:
+    """Where ``simulation.vectorize`` is on, why some clients will train one at a time,
+    said before the run (the per-client ``train_vectorized`` metric says who did): a
+    strategy without a group path, a client :func:`why_not` refuses, or a private-set
+    size no other client of its kind shares."""
+    from fedkd.assignment import clients_per_message, student_spec
+    from fedkd.client import ClientRuntime
+    from fedkd.state_store import MemoryStateStore
+
+    if not config.simulation.vectorize:
+        return []
+    if clients_per_message(config, 2) == 1:
+        return ["simulation.clients_per_message = 1: each message carries one client"]
+    runtime = ClientRuntime(config, data_path, MemoryStateStore())
+    kinds: dict[tuple[str, str], list[int]] = {}
+    for cid in range(config.clients.count):
+        strategy, params = runtime.strategy_of(cid)
+        label = f"{strategy.__name__} client(s) on {student_spec(config, cid)}"
+        kinds.setdefault((label, repr(params)), []).append(cid)
+    notes = []
+    for (label, _), cids in kinds.items():
+        who = f"{len(cids)} {label} (e.g. client {cids[0]})"
+        strategy, node = runtime.fresh_node(cids[0])
+        why = None if type(strategy).trains_in_groups() else "the strategy has no train_group"
+        why = why or why_not(node)
+        if why:
+            notes.append(f"{who} train one at a time: {why}")
+            continue
+        sizes = Counter(len(runtime.data.client(c).y) for c in cids)
+        alone = sum(n for n in sizes.values() if n == 1)
+        if alone:
+            notes.append(
+                f"{alone} of {who} have a private-set size no other of them has: they train "
+                "one at a time (an iid or shard partition gives equal sizes)"
+            )
+    return notes

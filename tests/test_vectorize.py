@@ -239,3 +239,27 @@ def test_ineligible_nodes_train_alone_with_the_same_results():
     ]
     got, _ = both_ways(nodes, 1e-4, kd=LOGITS, kd_weight=0.5)
     assert [m["vectorized"] for m in got] == [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [(["simulation.vectorize=false"], None),
+     (["partition.name=iid"], None),
+     ([], "private-set size no other of them has"),
+     (["partition.name=iid", "strategy=fedmd"], "the strategy has no train_group"),
+     (["partition.name=iid", "clients.grad_clip=1"], "gradient clipping (clients.grad_clip)"),
+     (["partition.name=iid", "simulation.clients_per_message=1"], "each message carries one")],
+)  # fmt: skip
+def test_the_run_says_before_it_starts_which_clients_train_alone(overrides, said):
+    from fedkd.config import load_config
+    from fedkd.data import prepare_federated_data
+    from fedkd.vectorize import start_notes
+    from tests.conftest import SMALL
+
+    cfg = load_config(None, [*SMALL, "clients.count=6", "simulation.vectorize=true", *overrides])
+    _, path = prepare_federated_data(cfg)
+    notes = start_notes(cfg, str(path))
+    if said is None:
+        assert notes == []
+    else:
+        assert notes and all(said in n for n in notes), notes
