@@ -35,7 +35,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from itertools import accumulate
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -251,10 +251,20 @@ class _AddChannel(nn.Module):
         return x.unsqueeze(1) if x.dim() == 2 else x
 
 
+_WIDTHS: dict[tuple[Any, ...], int] = {}
+
+
 @torch.no_grad()
-def _flat_width(stages: Sequence[Sequence[nn.Module]], input_shape: tuple[int, ...]) -> int:
-    """Features per sample after ``stages`` (no BatchNorm or dropout in them here)."""
-    return int(nn.Sequential(*(m for s in stages for m in s))(torch.zeros(1, *input_shape)).numel())
+def _flat_width(
+    stages: Sequence[Sequence[nn.Module]], input_shape: tuple[int, ...], key: tuple[Any, ...]
+) -> int:
+    """Features per sample after ``stages`` (no BatchNorm or dropout in them here), by a
+    dry run on zeros (no random numbers drawn), remembered by ``key`` (the factory and its
+    arguments): a worker builds a student per client per round."""
+    if key not in _WIDTHS:
+        net = nn.Sequential(*(m for s in stages for m in s))
+        _WIDTHS[key] = int(net(torch.zeros(1, *input_shape)).numel())
+    return _WIDTHS[key]
 
 
 @MODELS.register("cnn1d")
@@ -273,7 +283,7 @@ def cnn1d(
         [nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU()],
         [nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU()],
     ]
-    width = _flat_width(stages, input_shape)
+    width = _flat_width(stages, input_shape, ("cnn1d", input_shape, channels, kernel))
     return StagedSequential.from_stages(stages, [nn.Flatten(), nn.Linear(width, num_classes)])
 
 
@@ -286,7 +296,7 @@ def cnn2d(input_shape: tuple[int, ...], num_classes: int, channels: int = 32) ->
         [nn.Conv2d(input_shape[0], channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)],
         [nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)],
     ]
-    width = _flat_width(stages, input_shape)
+    width = _flat_width(stages, input_shape, ("cnn2d", input_shape, channels))
     head = [nn.Flatten(), nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, num_classes)]
     return StagedSequential.from_stages(stages, head)
 
