@@ -1,5 +1,7 @@
 """fedkd bench compares like with like: the plain loop does the work fedkd's runtime does
-(the same accuracies, round by round), and the audit is on both sides or on neither."""
+(the same accuracies, round by round: exactly, or within a tolerance where fedkd
+vectorises), the audit is on both sides or on neither, and --scaling sets each fedkd
+variant's way of running clients itself."""
 
 from __future__ import annotations
 
@@ -7,7 +9,19 @@ import time
 
 import pytest
 
-from fedkd.bench import MIRRORED, _both_sides, plain_loop
+from fedkd.bench import (
+    MIRRORED,
+    TOLERANCE,
+    VARIANTS,
+    _both_sides,
+    _tolerance,
+    main,
+    plain_loop,
+    refuse_variant_overrides,
+    row_overrides,
+    same_accuracies,
+    variant_overrides,
+)
 from fedkd.config import load_config
 from fedkd.data import prepare_federated_data
 from fedkd.federation import Federation
@@ -35,17 +49,131 @@ def test_the_benchmark_owns_the_strategy_and_the_audit(override):
         _both_sides([override], audit=False)
 
 
+def test_exact_accuracies_must_match_bit_for_bit():
+    runs = [[[0.5, 0.25], [0.625, 0.5]]]
+    assert same_accuracies(runs, [[[0.5, 0.25], [0.625, 0.5]]]) == (True, "yes")
+    assert same_accuracies(runs, [[[0.5, 0.25], [0.625, 0.5 + 1e-9]]]) == (False, "NO")
+    assert same_accuracies(runs, [[[0.5, 0.25]]]) == (False, "NO")  # a round missing
+    assert same_accuracies(runs, [[[0.5], [0.625, 0.5]]]) == (False, "NO")  # a client missing
+
+
+def test_vectorised_accuracies_match_by_round_means_and_report_the_largest_gaps():
+    fed = [[[0.5, 0.25], [0.625, 0.5]], [[0.5, 0.25], [0.625, 0.5]]]
+    plain = [[[0.501, 0.25], [0.625, 0.5]], [[0.5, 0.253], [0.625, 0.5]]]
+    assert same_accuracies(fed, plain, 0.005) == (
+        True,
+        "round means within 0.005 (vectorised: largest 0.0015; one client's: 0.003)",
+    )
+    plain[1][1] = [0.645, 0.49]  # one client 0.02 off, the round's mean 0.005
+    assert same_accuracies(fed, plain, 0.005)[0] is True
+    plain[1][1] = [0.645, 0.5]  # the round's mean 0.01 off
+    assert same_accuracies(fed, plain, 0.005) == (
+        False,
+        "NO, round means not within 0.005 (vectorised: largest 0.0100; one client's: 0.020)",
+    )
+    assert same_accuracies(fed, [[[0.5, 0.25]]], 0.005)[0] is False
+
+
+def test_the_tolerance_applies_only_where_the_fedkd_side_vectorises():
+    assert _tolerance(["rounds=2"]) == 0.0
+    assert _tolerance(["simulation.vectorize=false"]) == 0.0
+    assert _tolerance(["simulation.vectorize=true"]) == TOLERANCE
+    assert _tolerance(["simulation={vectorize=true}"]) == TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "simulation.clients_per_message=4",
+        "simulation.vectorize=true",
+        "simulation.vectorize=false",
+        "simulation={clients_per_message=2}",
+    ],
+)
+def test_the_scaling_mode_owns_how_fedkd_runs_its_clients(override):
+    with pytest.raises(SystemExit, match="set by each variant.*--variants"):
+        refuse_variant_overrides(["rounds=2", override])
+    with pytest.raises(SystemExit, match="set by each variant"):  # before running anything
+        main(["--scaling", "--clients", "20", override])
+    refuse_variant_overrides(["simulation.threads=2", "simulation.num_cpus=1"])  # others pass
+
+
+def test_variants_are_chosen_by_name_and_only_for_the_scaling_mode(capsys):
+    with pytest.raises(SystemExit):
+        main(["--scaling", "--variants", "per-client,bogus"])
+    assert "bogus: choose from per-client, actor, vectorised" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--variants", "actor"])
+    assert "--variants needs --scaling" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("per_round", "per_worker"), [(10, 3), (100, 25)])
+def test_each_variant_of_a_scaling_row_sets_how_fedkd_runs_the_round(per_round, per_worker):
+    from fedkd.assignment import clients_per_message, clients_per_round
+
+    user = ["simulation.ray_init_args.num_cpus=4"]  # 4 workers at once
+    row = row_overrides(user, 1000, per_round, 2, audit=False)
+    cfg = load_config(None, row)
+    assert clients_per_round(cfg) == per_round and cfg.rounds == 2
+    assert cfg.strategy.name == MIRRORED and cfg.partition.name == "iid"
+    expected = {"per-client": (1, False), "actor": (per_worker, False), "vectorised": (0, True)}
+    for name, (k, vectorize) in expected.items():
+        overrides = variant_overrides(row, name)
+        assert overrides[: len(row)] == row  # the row's own overrides, then the variant's
+        sim = load_config(None, overrides).simulation
+        assert (sim.clients_per_message, sim.vectorize) == (k, vectorize)
+        # the vectorised variant's auto split is the actor's
+        if name != "per-client":
+            assert clients_per_message(load_config(None, overrides), 4) == per_worker
+    assert list(VARIANTS) == list(expected)
+
+
+def _run(round_s: float, mb: float, accuracies: list) -> dict:
+    return {"startup_s": 2.0, "round_s": [round_s], "peak_mb": mb, "accuracies": accuracies}
+
+
+def _words(line: str) -> str:
+    return " ".join(line.split())
+
+
+def test_the_scaling_table_and_plot_show_each_variant_against_the_plain_loop(tmp_path, capsys):
+    from fedkd.bench import _plot_scaling, _print_scaling
+
+    rows = []
+    for per_round in (10, 100):
+        fed = {
+            name: {**_run(i + 1.0, 100.0 * (i + 1), []), "accuracies_same": verdict}
+            for i, (name, verdict) in enumerate(
+                [("per-client", "yes"), ("actor", "yes"), ("vectorised", "within 0.01 (...)")]
+            )
+        }
+        rows.append({"per_round": per_round, "plain": _run(0.5, 50.0, []), "fedkd": fed})
+    _print_scaling(rows, "title")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "title" and "s/round ratio" in lines[2]
+    assert _words(lines[3]) == "10 plain PyTorch loop 2.00 0.50 50.00"
+    assert _words(lines[4]) == "per-client tasks 2.00 1.00 100.00 2.00 yes"
+    assert _words(lines[5]) == "one actor per worker 2.00 2.00 200.00 4.00 yes"
+    assert _words(lines[6]) == "vectorised 2.00 3.00 300.00 6.00 within 0.01 (...)"
+    assert lines[7].split()[0] == "100" and len(lines) == 12
+    _plot_scaling(rows, list(VARIANTS), tmp_path / "scaling.png")
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
 @pytest.mark.simulation
 def test_the_scaling_mode_writes_its_table_json_and_plot(tmp_path, capsys):
     import json
 
-    from fedkd.bench import main
-
     args = ["--scaling", "--clients", "20", "--rounds", "2", "--out", str(tmp_path)]
-    assert main([*args, "data.public=400", "data.test=400"]) == 0
+    assert main([*args, "--variants", "actor", "data.public=400", "data.test=400"]) == 0
     rows = json.loads((tmp_path / "scaling.json").read_text())
     assert [r["per_round"] for r in rows] == [10]  # 100 and 1000 exceed 20 clients
-    for side in ("fedkd", "plain"):
-        assert rows[0][side]["peak_mb"] > 0 and len(rows[0][side]["round_s"]) == 2
+    (row,) = rows
+    assert list(row["fedkd"]) == ["actor"]
+    for run in (row["plain"], row["fedkd"]["actor"]):
+        assert run["peak_mb"] > 0 and len(run["round_s"]) == 2
+    assert row["fedkd"]["actor"]["same"] is True
+    assert "simulation.vectorize=false" in row["fedkd"]["actor"]["overrides"]
     assert (tmp_path / "scaling.png").stat().st_size > 0
-    assert "same accuracies: yes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "one actor per worker" in out and "same accuracies as the plain loop: yes" in out
