@@ -7,7 +7,6 @@ the in-process runner (:mod:`fedkd.inline`) call, so a strategy behaves the same
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from fedkd.privacy.mechanism import mechanism_of
 from fedkd.privacy.noise import NoiseSource
 from fedkd.seeding import derive_seed, seed_client_round, torch_generator
 from fedkd.selection import client_strategy, server_strategy
+from fedkd.state_codec import decode_state, encode_state
 from fedkd.state_store import DiskStateStore, MemoryStateStore, StateStore
 from fedkd.strategy import ClientStrategy
 from fedkd.training import logit_metrics, make_optimizer, predict_logits, to_tensor
@@ -49,45 +49,21 @@ class TargetsError(RuntimeError):
     fault, so the failure is recorded against the server side)."""
 
 
-def _safe_globals() -> list[Any]:
-    """NumPy's array and scalar reconstruction (data only), for ``torch.load(weights_only=
-    True)``."""
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar
-    except ImportError:  # NumPy 1.x
-        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
-
-    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
-
-
 def load_state(blob: bytes) -> dict[str, Any]:
-    """A saved client state, loaded without unpickling code (``weights_only=True``)."""
-    import pickle
-
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(io.BytesIO(blob), weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(blob))
-        raise RuntimeError(
-            f"the client's saved state holds {', '.join(found) or 'a type'} that cannot be loaded "
-            "without running pickled code; keep node.state to tensors, NumPy arrays, numbers, "
-            "strings, lists, tuples and dicts"
-        ) from err
+    """A saved client state, decoded without running code (:mod:`fedkd.state_codec`; also
+    reads the ``torch.save`` states of runs saved before it)."""
+    return decode_state(blob)
 
 
 def dump_state(node: ClientNode) -> bytes:
-    buf = io.BytesIO()
-    torch.save(
-        {
-            "model": node.model.state_dict(),
-            "optimizer": node.optimizer.state_dict(),
-            "extra": node.state,
-        },
-        buf,
-    )
-    return buf.getvalue()
+    """Client ``node``'s student, optimizer and extra state, as :func:`load_state` reads
+    them (fails, naming the key, on a value ``node.state`` may not hold)."""
+    state = {
+        "model": node.model.state_dict(),
+        "optimizer": node.optimizer.state_dict(),
+        "extra": node.state,
+    }
+    return encode_state(state)
 
 
 class ClientRuntime:
