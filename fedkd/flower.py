@@ -185,9 +185,10 @@ def _train(content: RecordDict, runtime_of: Any) -> RecordDict:
     them: the reply's content, with each client's records suffixed by its position in
     the message (``meta.0``, ``metrics.0``, ``payload.0``, ``state.0``; ``error.0``
     where that client's round raised)."""
-    config = content.config_records["config"]
+    configs = content.config_records  # read once: each access filters every record
+    config = configs["config"]
     rnd = int(config["round"])
-    cids = [int(c) for c in content.config_records["client"]["cids"]]
+    cids = [int(c) for c in configs["client"]["cids"]]
     idx = content.array_records["query"]["public_idx"].numpy()
     runtime = runtime_of(int(config.get("run", 0)))
     targets = None
@@ -199,8 +200,8 @@ def _train(content: RecordDict, runtime_of: Any) -> RecordDict:
             raise TargetsError(f"unreadable {kind} targets from the server: {err}") from err
     carried = None
     if config.get("carry_state", False):
-        blobs = {cid: bytes(content.config_records[f"state.{cid}"]["blob"]) for cid in cids
-                 if f"state.{cid}" in content.config_records}  # fmt: skip
+        blobs = {cid: bytes(configs[f"state.{cid}"]["blob"]) for cid in cids
+                 if f"state.{cid}" in configs}  # fmt: skip
         carried = CarriedState(blobs)
     together = runtime.config.simulation.vectorize
     replies = runtime.train_many(cids, rnd, targets, idx, store=carried, together=together)
@@ -234,27 +235,34 @@ def _reported_failure(cid: int, reply: Message) -> Failure | None:
     return None
 
 
-def _read_reply(i: int, cid: int, reply: Message) -> TrainReply | Failure:
-    """The ``i``-th client's part of a reply message (client ``cid``) as a TrainReply, or
-    the Failure it reports (the whole message's failure, e.g. a dead worker, is each of
-    its clients')."""
-    failure = _reported_failure(cid, reply)
+def _read_replies(cids: list[int], reply: Message) -> dict[int, TrainReply | Failure]:
+    """The replies of the clients a message carried (``cids``, in its order): each a
+    TrainReply or the Failure it reports (the whole message's failure, e.g. a dead
+    worker, is each of its clients'). The record maps are read once: each access
+    filters all of the message's records."""
+    failure = _reported_failure(-1, reply)
     if failure is not None:
-        return Failure(cid, failure.error, failure.side, failure.traceback)
-    records = reply.content.config_records
-    if f"error.{i}" in records:
-        e = records[f"error.{i}"]
+        return {cid: Failure(cid, failure.error, failure.side, failure.traceback) for cid in cids}
+    content = reply.content
+    configs, metrics, arrays = content.config_records, content.metric_records, content.array_records
+    return {cid: _read_one(i, cid, configs, metrics, arrays) for i, cid in enumerate(cids)}
+
+
+def _read_one(i: int, cid: int, configs: Any, metrics: Any, arrays: Any) -> TrainReply | Failure:
+    """The ``i``-th client's part of a reply (client ``cid``), from its record maps."""
+    if f"error.{i}" in configs:
+        e = configs[f"error.{i}"]
         return Failure(cid, str(e["error"]), str(e["side"]), str(e["traceback"]) or None)
-    meta = records[f"meta.{i}"]
-    metrics = {k: float(v) for k, v in reply.content.metric_records[f"metrics.{i}"].items()}
+    meta = configs[f"meta.{i}"]
+    values = {k: float(v) for k, v in metrics[f"metrics.{i}"].items()}
     payload = None
     if meta["kind"]:
         try:
-            payload = record_to_payload(str(meta["kind"]), reply.content[f"payload.{i}"])
+            payload = record_to_payload(str(meta["kind"]), arrays[f"payload.{i}"])
         except Exception as err:  # unknown kind or missing arrays: the client's fault
             error = f"unreadable {meta['kind']} payload: {one_line(err)}"
-            return Failure(cid, error, metrics=metrics)  # it was sent: privacy is charged
-    return TrainReply(cid, payload, metrics)
+            return Failure(cid, error, metrics=values)  # it was sent: privacy is charged
+    return TrainReply(cid, payload, values)
 
 
 class FlowerTransport:
@@ -320,10 +328,11 @@ class FlowerTransport:
         messages, groups = self._messages(rnd, requests, public_idx)
         out: dict[int, TrainReply | Failure] = {}
         for m, reply in send_and_wait(self.grid, messages, self.timeout, self.stop, f"round {rnd}"):
-            for i, cid in enumerate(groups[m]):
-                out[cid] = _read_reply(i, cid, reply)
-                if self.states is not None and not reply.has_error():
-                    state = reply.content.config_records.get(f"state.{i}")
+            out.update(_read_replies(groups[m], reply))
+            if self.states is not None and not reply.has_error():
+                configs = reply.content.config_records
+                for i, cid in enumerate(groups[m]):
+                    state = configs.get(f"state.{i}")
                     if state is not None:  # as the client would have saved it itself
                         self.states.save(cid, rnd, bytes(state["blob"]))
         for cid in requests:
