@@ -314,7 +314,7 @@ def _feeder(data: list[tuple[torch.Tensor, torch.Tensor]], targets: list[KDTarge
     clients = torch.arange(len(data), device=x.device)[:, None]
     public, shared = None, True
     if targets:  # one copy of the public inputs when every node holds the same
-        shared = all(torch.equal(t.x, targets[0].x) for t in targets[1:])
+        shared = all(t is targets[0] or torch.equal(t.x, targets[0].x) for t in targets[1:])
         public = targets[0].x if shared else torch.stack([t.x for t in targets])
 
     def feed(rows: torch.Tensor, pick: torch.Tensor | None) -> list[torch.Tensor]:
@@ -338,7 +338,7 @@ def _train_group(
     """``train_private`` for the nodes of one group, as one stacked model."""
     first, recipe, epochs = nodes[0], nodes[0].recipe, nodes[0].settings.local_epochs
     data = [node.private_data() for node in nodes]
-    targets = [node.kd_targets(kd, temperature, loss) for node in nodes] if kd is not None else []
+    targets = _kd_targets(nodes, kd, temperature, loss) if kd is not None else []
     use_kd = bool(targets) and kd_weight > 0
     kd_rows = len(targets[0].logits) if use_kd else None
     plans = [_draws(node, len(y), kd_rows) for node, (_, y) in zip(nodes, data, strict=True)]
@@ -368,6 +368,22 @@ def _train_group(
     for node, (_, g) in zip(nodes, plans, strict=True):
         node.generator.set_state(g.get_state())
     return [_metrics(node, row, steps, lr) for node, row in zip(nodes, totals, strict=True)]
+
+
+def _kd_targets(
+    nodes: Sequence[ClientNode], kd: Logits | SoftLabels, temperature: float, loss: str | None
+) -> list[KDTargets]:
+    """Each node's KD targets; built once for nodes that hold the same public inputs (the
+    runtime gives every node a view of one array), not once per node."""
+    built: dict[tuple[Any, ...], KDTargets] = {}
+    out = []
+    for node in nodes:
+        x = node.public_x
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, str(x.device))
+        if key not in built:
+            built[key] = node.kd_targets(kd, temperature, loss)
+        out.append(built[key])
+    return out
 
 
 def _metrics(node: ClientNode, totals: torch.Tensor, steps: int, lr: float | None) -> Metrics:
