@@ -144,9 +144,10 @@ class CarriedState:
 def make_client_app(
     jobs: Sequence[FlowerJob], files: dict[str, DataFile] | None = None
 ) -> ClientApp:
-    """A ClientApp whose nodes are slots: each message names the client it is for
-    (``client.cid``) and the job (``run``: its index in ``jobs``), so a node serves
-    whichever sampled client a round hands it (:func:`flower_nodes`); client state is
+    """A ClientApp whose nodes are slots: each message names the clients it is for
+    (``client.cids``, run in turn or, with ``simulation.vectorize``, trained together)
+    and the job (``run``: its index in ``jobs``), so a node serves whichever sampled
+    clients a round hands it (:func:`flower_nodes`); client state is
     kept in the job's ``state_dir`` (see :mod:`fedkd.state_store`), or travels in the
     messages when they carry it. ``files``: where to load each job's ``data_path`` from
     (default: itself)."""

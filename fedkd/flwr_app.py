@@ -88,9 +88,10 @@ def _check_supernodes(grid: Grid, count: int, patience: float = 10.0) -> None:
     if have >= count:
         return
     message = (
-        f"{have} SuperNode(s) connected, this config needs {count} (one per client a round "
-        f'samples): run `flwr run . --federation-config "num-supernodes={count}"`, or start '
-        f'{count} SuperNodes with --node-config "partition-id=0" .. "partition-id={count - 1}"'
+        f"{have} SuperNode(s) connected, this config needs {count} (one per message of a "
+        "round: the clients a round samples over simulation.clients_per_message): run "
+        f'`flwr run . --federation-config "num-supernodes={count}"`, or start {count} '
+        f'SuperNodes with --node-config "partition-id=0" .. "partition-id={count - 1}"'
     )
     if isinstance(grid, InMemoryGrid) and have > 0:
         raise RunFailed(message)
