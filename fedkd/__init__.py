@@ -21,11 +21,13 @@ __all__ = [
     "load_config",
     "resume",
     "run",
+    "run_many",
 ]
 
 if TYPE_CHECKING:
     from fedkd.config import Config, ConfigError, load_config
     from fedkd.runner import RunError, RunResult, SeedsResult, resume, run
+    from fedkd.sweep import run_many
 
 
 def __getattr__(name: str) -> Any:
@@ -34,6 +36,10 @@ def __getattr__(name: str) -> Any:
         from fedkd import config
 
         return getattr(config, name)
+    if name == "run_many":
+        from fedkd.sweep import run_many
+
+        return run_many
     if name in ("run", "resume", "RunResult", "RunError", "SeedsResult"):
         from fedkd import runner
 

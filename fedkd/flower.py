@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -429,14 +430,13 @@ def make_server_app(
     and the next job runs. Ctrl-C (``stop``) ends them all. ``carry_state``: client
     states travel in the messages (kept in each job's ``state_dir`` here)."""
     app = ServerApp()
-    config = jobs[0].federation.config
+    first = jobs[0].federation.config  # (the jobs share the engine: see run_flower_jobs)
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        timeout = config.simulation.round_timeout
-        workers_ = local_workers(config) if workers is None else workers
-        slots = flower_nodes(config, workers_)
-        per_message = clients_per_message(config, workers_)
+        timeout = first.simulation.round_timeout
+        workers_ = local_workers(first) if workers is None else workers
+        slots = max(flower_nodes(j.federation.config, workers_) for j in jobs)
         nodes = _wait_for_nodes(grid, slots, timeout, stop)
         mapping = _handshake(grid, nodes, timeout, stop)
         missing = sorted(set(range(slots)) - set(mapping))
@@ -445,8 +445,12 @@ def make_server_app(
         by_slot = [mapping[s] for s in range(slots)]
         for run, job in enumerate(jobs):
             job.box["rounds_started"] = time.time()
+            config = job.federation.config
             states = DiskStateStore(job.state_dir) if carry_state else None
-            transport = FlowerTransport(grid, by_slot, timeout, stop, run, states, per_message)
+            per_message = clients_per_message(config, workers_)
+            transport = FlowerTransport(
+                grid, by_slot, config.simulation.round_timeout, stop, run, states, per_message
+            )
             try:
                 job.federation.run(transport, job.on_round, stop=stop, errors=job.errors)
             except RunFailed as err:
@@ -491,6 +495,15 @@ def backend_config(config: Config, gpus_present: bool | None = None) -> dict[str
         "client_resources": client_resources(config, gpus_present),
         "init_args": ray_init_args(config),
     }
+
+
+def engine_key(config: Config) -> str:
+    """What runs under one Flower simulation must share: the backend, ``ray.init``'s
+    arguments (cluster address included), the per-client resources and verbosity. Runs
+    with equal keys can share one Ray start (:func:`run_flower_jobs`)."""
+    sim = config.simulation
+    key = [sim.backend, sim.verbose, backend_config(config)]
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 def clients_per_node(node: dict[str, float], resources: dict[str, float]) -> int:
@@ -614,8 +627,11 @@ def run_flower(
 def run_flower_jobs(
     jobs: Sequence[FlowerJob], *, stop: StopSignal | None = None, keep_going: bool = False
 ) -> None:
-    """Run several federations of the same shape (client count, resources), one after
-    another, under one Flower simulation and one Ray start (e.g. the seeds of a run).
+    """Run several federations one after another under one Flower simulation and one
+    Ray start (the seeds of a run, the runs of a sweep). They must share the engine
+    (:func:`engine_key`: backend, Ray settings, per-client resources); client counts,
+    sampling, timeouts and clients per message may differ (the simulation has as many
+    nodes as the largest needs).
 
     See :func:`make_server_app` for failures; raises :class:`Interrupted` on Ctrl-C.
     """
@@ -624,6 +640,12 @@ def run_flower_jobs(
     from flwr.simulation import run_simulation
 
     config = jobs[0].federation.config
+    for job in jobs[1:]:
+        if engine_key(job.federation.config) != engine_key(config):
+            raise ValueError(
+                f"{job.federation.config.name} does not share the engine of {config.name} "
+                "(simulation backend, Ray settings or per-client resources differ)"
+            )
     if not config.simulation.verbose:
         logging.getLogger("flwr").setLevel(logging.CRITICAL)
         logging.getLogger("ray").setLevel(logging.CRITICAL)
@@ -644,7 +666,7 @@ def run_flower_jobs(
             run_simulation(
                 server_app=make_server_app(jobs, halt, keep_going, cluster, workers),
                 client_app=make_client_app(jobs, files),
-                num_supernodes=flower_nodes(config, workers),
+                num_supernodes=max(flower_nodes(j.federation.config, workers) for j in jobs),
                 backend_name=config.simulation.backend,
                 backend_config=backend,
                 verbose_logging=config.simulation.verbose,

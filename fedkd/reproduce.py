@@ -297,35 +297,47 @@ def reproduce(
     quick: bool = False,
     quiet: bool = False,
 ) -> Reproduction:
-    """Run the offline twins ``names`` into ``folder`` and judge their claims."""
+    """Run the offline twins ``names`` into ``folder`` and judge their claims. Every
+    run of every twin goes under one Ray start (:func:`fedkd.run_many`); a bad config
+    stops them all before anything runs (an error, exit code 2)."""
     import fedkd
     from fedkd.results.seeds import read_seeds
 
     all_twins = twins()
     folder.mkdir(parents=True, exist_ok=True)
     out = Reproduction(folder)
-    titles = {}
+    titles = {name: all_twins[name].title for name in names}
+    experiments: list[tuple[Path, list[str]]] = []
+    where: list[tuple[str, str]] = []  # (twin, run) of each experiment
     for name in names:
         twin = all_twins[name]
-        titles[name] = twin.title
-        results: dict[str, dict[int, RunSummary]] = {}
-        for i, run in enumerate(twin.runs, 1):
-            if not quiet:
-                print(f"[{name} {i}/{len(twin.runs)}] {run.name} ...", flush=True)
+        for run in twin.runs:
             overrides = [*run.overrides, *(twin.quick if quick else ()), *seeds_override(seeds)]
             overrides += [f"output_dir={folder / name}", f"name={run.name}"]
             if not any(o.startswith("seeds=") for o in overrides):
                 overrides.append("seeds=5")
-            try:
-                result = fedkd.run(ROOT / run.config, overrides, quiet=True)
-                results[run.name] = read_seeds(result.directory)
-                if not quiet:
-                    print(f"    {result.summary.status}", flush=True)
-            except (ConfigError, fedkd.RunError) as err:
-                out.errors.append(f"{name}/{run.name}: {err}")
-                if not quiet:
-                    print(f"    error: {err}", flush=True)
-        out.verdicts[name] = [judge(c, results) for c in twin.claims]
+            experiments.append((ROOT / run.config, overrides))
+            where.append((name, run.name))
+    results: dict[str, dict[str, dict[int, RunSummary]]] = {name: {} for name in names}
+
+    def done(i: int, result: Any) -> None:
+        name, run = where[i]
+        results[name][run] = read_seeds(result.directory)
+        if result.exit_code != 0:
+            out.errors.append(f"{name}/{run}: {result.summary.status}")
+        if not quiet:
+            print(f"[{i + 1}/{len(where)}] {name}/{run}: {result.summary.status}", flush=True)
+
+    if not quiet:
+        print(f"{len(where)} runs of {len(names)} twins under one Ray start ...", flush=True)
+    try:
+        fedkd.run_many(experiments, quiet=True, on_result=done)
+    except ConfigError as err:
+        out.errors.append(str(err))
+        if not quiet:
+            print(f"    error: {err}", flush=True)
+    for name in names:
+        out.verdicts[name] = [judge(c, results[name]) for c in all_twins[name].claims]
     text = write_claims(folder, out.verdicts, titles)
     if not quiet:
         print("\n" + text + f"written to {folder}")

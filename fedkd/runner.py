@@ -9,7 +9,6 @@ summary, whose status says how the run ended (:class:`fedkd.results.Outcome`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import statistics
@@ -235,48 +234,11 @@ def run_seeds(cfg: Config, *, quiet: bool = False, t0: float | None = None) -> S
     ``summary.json`` holds each metric's mean, std and 95% CI over the seeds (plus
     ``seeds.csv`` and ``accuracy.png``). Every seed's config and data are checked and
     built before Ray starts; a seed that fails does not stop the others; Ctrl-C stops
-    all (the seeds not reached are "not run")."""
-    from fedkd.flower import FlowerJob, ctrl_c_stops, run_flower_jobs
+    all (the seeds not reached are "not run"). See :func:`fedkd.sweep.run_many`."""
+    from fedkd.sweep import run_many
 
-    t0 = time.time() if t0 is None else t0
-    configs = {seed: dataclasses.replace(cfg, seed=seed, seeds=[]) for seed in cfg.seeds}
-    prepared = {seed: _prepare(c) for seed, c in configs.items()}
-    parent = RunDirectory.create(cfg)
-    outs = {seed: parent.child(f"seed-{seed}", configs[seed]) for seed in cfg.seeds}
-    _say(quiet, _header(cfg, parent.path))
-    jobs = {}
-    for seed, c in configs.items():
-        data, data_path = prepared[seed]
-        federation = Federation(c, data)
-        writer = _round_writer(c, outs[seed], federation, quiet, f"seed {seed}: ")
-        jobs[seed] = FlowerJob(
-            federation, str(data_path), str(outs[seed].clients_dir), writer, outs[seed].log_error
-        )
-    stop = threading.Event()
-    shared = _Ended()  # an ending of the whole simulation (Ctrl-C, Ray failing to start)
-    results: dict[int, RunResult] = {}
-    with ctrl_c_stops(stop):
-        try:
-            run_flower_jobs(list(jobs.values()), stop=stop, keep_going=True)
-        except BaseException as err:
-            shared.note(err, parent)
-        first = True
-        for seed, job in jobs.items():
-            if shared.interrupted and "rounds_started" not in job.box:
-                continue  # never reached: "not run"
-            ended = _Ended()
-            ended.interrupted, ended.error = shared.interrupted, shared.error
-            data, data_path = prepared[seed]
-            # the shared start-up (Ray, the clients) is counted in the first seed's time
-            start = t0 if first else job.box.get("rounds_started", t0)
-            first = False
-            results[seed], _ = _finish(
-                configs[seed], data, data_path, outs[seed], job, ended, stop, quiet, start,
-                one_of_seeds=True,
-            )  # fmt: skip
-    result = _write_seeds(cfg, parent, results, jobs, quiet)
-    if result.summary.outcome is Outcome.INTERRUPTED and stop.is_set():
-        raise KeyboardInterrupt(result.summary.status)
+    (result,) = run_many([cfg], quiet=quiet, started=t0)
+    assert isinstance(result, SeedsResult)
     return result
 
 

@@ -4,8 +4,9 @@
                                   [field=value ...]
 
 Each algorithm runs its own config from ``simulations/<name>.toml`` under Flower+Ray,
-over the same seeds (``--seeds N``: 0..N-1, default 5; one Ray start per algorithm),
-with the overrides applied to all (same data, partition, clients, rounds and seeds).
+over the same seeds (``--seeds N``: 0..N-1, default 5), all under one Ray start
+(``fedkd.run_many``), with the overrides applied to all (same data, partition,
+clients, rounds and seeds).
 Every figure is the mean +- std over the seeds; ``fedkd compare RUN_A RUN_B`` gives
 the paired difference of two of the runs with its 95% CI.
 FedAvg runs with the CNN student only (it cannot mix architectures); the others use
@@ -153,27 +154,29 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     setting = ""
-    for i, name in enumerate(names, 1):
-        print(f"[{i}/{len(names)}] {name} ...", flush=True)
-        overrides = [*args.overrides, "baseline=true"]  # local-only: fedkd skips its own
-        overrides += [f"output_dir={out}", f"seeds={args.seeds}"]
-        result = fedkd.run(_config(name), overrides, quiet=True)
-        rows.append(_row(name, result))
+    overrides = [*args.overrides, "baseline=true"]  # local-only: fedkd skips its own
+    overrides += [f"output_dir={out}", f"seeds={args.seeds}"]
+    print(f"{len(names)} algorithms x {args.seeds} seeds under one Ray start ...", flush=True)
+
+    def done(i: int, result: fedkd.SeedsResult) -> None:
+        nonlocal setting
+        rows.append(_row(names[i], result))
         r = rows[-1]
         print(
-            f"    students {_pm(r['students'])}%, vs local-only {_pm(r['gain_points'], True)} "
-            f"points, server {_pm(r['server_model'])}%, {_size(r['bytes_per_round'])}/round; "
-            f"{r['status']}",
+            f"[{i + 1}/{len(names)}] {names[i]}: students {_pm(r['students'])}%, vs local-only "
+            f"{_pm(r['gain_points'], True)} points, server {_pm(r['server_model'])}%, "
+            f"{_size(r['bytes_per_round'])}/round; {r['status']}",
             flush=True,
         )
-        s = result.summary
-        c = result.config
+        s, c = result.summary, result.config
         setting = f"{s.data}; {c.clients.count} clients; {c.rounds} rounds"
-        # written after every run, so an interrupted comparison keeps what it has
+        # written after every algorithm, so an interrupted comparison keeps what it has
         (out / "comparison.json").write_text(
             json.dumps({"setting": setting, "rows": rows}, indent=2)
         )
         (out / "comparison.md").write_text(markdown(rows, setting))
+
+    fedkd.run_many([(_config(n), overrides) for n in names], quiet=True, on_result=done)
     plot(rows, out / "comparison.png")
     print("\n" + markdown(rows, setting) + f"\nwritten to {out}")
     return 0

@@ -10,11 +10,11 @@ client-level Gaussian mechanism with central noise with ``--central-strategy``
 ERA-sharpened soft labels), and PATE (client-level;
 ``strategy = pate``, 200 queries, threshold-check noise equal to sigma; PATE's own
 default mode, one-shot: teachers trained over the rounds, queried once at the end).
-Every setting runs over ``--seeds`` seeds (default 5: seeds 0..4, one Ray start per
-setting) and every figure is the mean +- std over them. Writes ``privacy_utility.md``,
-``privacy_utility.json`` and ``privacy_utility.png`` (student and server-model
-accuracy against epsilon; audit advantage against epsilon) to ``--out``
-(default ``runs/privacy-<timestamp>``); every run's own directory is kept.
+Every setting runs over ``--seeds`` seeds (default 5: seeds 0..4; all settings under
+one Ray start, ``fedkd.run_many``) and every figure is the mean +- std over them.
+Writes ``privacy_utility.md``, ``privacy_utility.json`` and ``privacy_utility.png``
+(student and server-model accuracy against epsilon; audit advantage against epsilon)
+to ``--out`` (default ``runs/privacy-<timestamp>``); every run's own directory is kept.
 """
 
 from __future__ import annotations
@@ -216,24 +216,20 @@ def main(argv: list[str]) -> int:
     runs = settings(args)
     rows: list[dict] = []
     setting = ""
-    for i, (mech, sigma, extra) in enumerate(runs, 1):
-        print(f"[{i}/{len(runs)}] {mech} sigma={sigma} ...", flush=True)
-        overrides = [
-            *args.overrides,
-            *extra,
-            "baseline=false",
-            f"seeds={args.seeds}",
-            f"output_dir={out}",
-        ]
-        result = fedkd.run("simulations/quickstart.toml", overrides, quiet=True)
+    common = [*args.overrides, "baseline=false", f"seeds={args.seeds}", f"output_dir={out}"]
+    print(f"{len(runs)} settings x {args.seeds} seeds under one Ray start ...", flush=True)
+
+    def done(i: int, result: fedkd.SeedsResult) -> None:
+        nonlocal setting
         if not isinstance(result, fedkd.SeedsResult):
             raise SystemExit("privacy_sweep: expected a multi-seed run (seeds=...)")
+        mech, sigma, _ = runs[i]
         rows.append(_row(mech, sigma, result))
         r = rows[-1]
         print(
-            f"    epsilon {_eps(r)}, students {_pct(r['students'])}, "
-            f"server {_pct(r['server_model'])}, MIA advantage {_num(r['mia_advantage'])}; "
-            f"{r['status']}",
+            f"[{i + 1}/{len(runs)}] {mech} sigma={sigma}: epsilon {_eps(r)}, students "
+            f"{_pct(r['students'])}, server {_pct(r['server_model'])}, MIA advantage "
+            f"{_num(r['mia_advantage'])}; {r['status']}",
             flush=True,
         )
         first = next(iter(result.runs.values())).summary
@@ -241,10 +237,14 @@ def main(argv: list[str]) -> int:
             f"{first.data}; {first.clients} clients; up to {first.rounds} rounds; "
             f"strategies as in the table; mean +- std over seeds {r['seeds']}"
         )
+        # written after every setting, so an interrupted sweep keeps what it has
         (out / "privacy_utility.json").write_text(
             json.dumps({"setting": setting, "rows": rows}, indent=2, default=str)
         )
         (out / "privacy_utility.md").write_text(markdown(rows, setting))
+
+    experiments = [("simulations/quickstart.toml", [*common, *extra]) for _, _, extra in runs]
+    fedkd.run_many(experiments, quiet=True, on_result=done)
     plot(rows, out / "privacy_utility.png")
     print("\n" + markdown(rows, setting) + f"\nwritten to {out}")
     return 0

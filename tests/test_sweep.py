@@ -1,0 +1,127 @@
+"""``fedkd.run_many``: several experiments under one Flower simulation and one Ray start.
+
+Each experiment must give exactly the numbers it gives alone, land in its own run
+folder with its own summary, and a bad config anywhere must stop the sweep before Ray
+starts, naming the experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedkd.config import ConfigError, load_config
+from fedkd.data import prepare_federated_data
+from fedkd.federation import Federation
+from fedkd.inline import InlineTransport
+from fedkd.results import read_rounds, read_summary
+from fedkd.runner import RunResult, SeedsResult
+from fedkd.sweep import _engine_groups, run_many
+from tests.conftest import SMALL
+from tests.test_resume import _numbers
+
+BASE = [*SMALL, "rounds=2", "privacy.audit=false", "baseline=false"]
+
+#: three experiments of different shapes: another strategy, another client count and
+#: sampling, and a multi-seed one
+EXPERIMENTS = [
+    (None, [*BASE, "name=kd4"]),
+    (
+        "simulations/fedmd.toml",
+        [*BASE, "clients.count=6", "clients.fraction=0.5", "server.public_subset=200", "name=md6"],
+    ),
+    (None, [*BASE, "seeds=[0,1]", "name=seeds"]),
+]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory):
+    import ray
+
+    out = tmp_path_factory.mktemp("sweep")
+    starts: list[dict] = []
+    real_init = ray.init
+
+    def counting_init(*args, **kwargs):  # counts Ray starts; the real one runs
+        starts.append(kwargs)
+        return real_init(*args, **kwargs)
+
+    seen: list[int] = []
+    ray.init = counting_init
+    try:
+        results = run_many(
+            [(c, [*o, f"output_dir={out}"]) for c, o in EXPERIMENTS],
+            quiet=True,
+            on_result=lambda i, r: seen.append(i),
+        )
+    finally:
+        ray.init = real_init
+    return results, starts, seen
+
+
+def _alone(config: str | None, overrides: list[str]) -> list:
+    """The experiment's numbers run in this process, without Flower."""
+    cfg = load_config(config, overrides)
+    data, path = prepare_federated_data(cfg)
+    return _numbers(Federation(cfg, data).run(InlineTransport(cfg, str(path))))
+
+
+@pytest.mark.simulation
+def test_a_sweep_starts_ray_once_and_finishes_each_experiment_in_order(sweep):
+    results, starts, seen = sweep
+    assert len(starts) == 1
+    assert seen == [0, 1, 2]
+    assert [type(r) for r in results] == [RunResult, RunResult, SeedsResult]
+    assert [r.exit_code for r in results] == [0, 0, 0]
+    folders = [r.directory for r in results]
+    assert len(set(folders)) == 3
+    assert [Path(f).name.split("-")[0] for f in folders] == ["kd4", "md6", "seeds"]
+    for folder in folders[:2]:
+        assert read_summary(folder).status == "completed"
+    assert sorted(p.name for p in folders[2].iterdir() if p.is_dir()) == ["seed-0", "seed-1"]
+    assert results[0].summary.timing["startup_s"] > 0  # the shared start-up is counted once
+    assert "startup_s" in results[1].summary.timing
+
+
+@pytest.mark.simulation
+def test_each_experiment_of_a_sweep_gives_its_numbers_alone(sweep):
+    results, _, _ = sweep
+    for (config, overrides), result in zip(EXPERIMENTS[:2], results[:2], strict=True):
+        assert _numbers(result.rounds) == _alone(config, overrides), overrides[-1]
+    assert read_summary(results[1].directory).clients == 6
+    seeds = results[2]
+    assert isinstance(seeds, SeedsResult)
+    one = read_rounds(seeds.directory / "seed-1" / "metrics.jsonl")
+    assert _numbers(one) == _alone(None, [*BASE, "seed=1"])
+
+
+def test_a_bad_experiment_stops_the_sweep_before_anything_runs(tmp_path: Path):
+    good = (None, [*BASE, f"output_dir={tmp_path}"])
+    bad = (None, [*BASE, f"output_dir={tmp_path}", "clients.lr=-1"])
+    with pytest.raises(ConfigError) as err:
+        run_many([good, bad], quiet=True)
+    assert "experiment 2 of 2" in str(err.value)
+    assert err.value.field == "clients.lr"
+    assert list(tmp_path.iterdir()) == []  # no run folder made, nothing started
+
+
+def test_experiments_run_under_one_start_while_they_share_the_engine():
+    class P:  # the one attribute _engine_groups reads
+        def __init__(self, *overrides: str) -> None:
+            self.config = load_config(None, list(overrides))
+
+    plans = [P(), P("clients.count=7", "strategy.name=fedmd"), P("simulation.num_cpus=2"), P()]
+    groups = _engine_groups(plans)  # type: ignore[arg-type]
+    assert [len(g) for g in groups] == [2, 1, 1]
+
+
+def test_run_flower_jobs_refuses_jobs_that_do_not_share_the_engine(tmp_path: Path):
+    from fedkd.flower import FlowerJob, run_flower_jobs
+
+    def job(*overrides: str) -> FlowerJob:
+        cfg = load_config(None, [*BASE, *overrides])
+        data, path = prepare_federated_data(cfg)
+        return FlowerJob(Federation(cfg, data), str(path), str(tmp_path))
+
+    with pytest.raises(ValueError, match="does not share the engine"):
+        run_flower_jobs([job(), job("simulation.num_cpus=2")])
