@@ -17,8 +17,12 @@ fedkd's ways of running a round's clients (:data:`VARIANTS`, ``--variants`` for 
 subset): a Flower task per client, one long-lived task per worker carrying its
 share of the round's clients, and that share trained together (vectorised).
 
+``--sweep`` times a sweep of strategies run one by one against ``fedkd.run_many``
+(:mod:`fedkd.bench_sweep`).
+
 Run: ``fedkd bench [--repeats N] [field=value ...]``, ``fedkd bench --scaling
-[--variants per-client,actor] [--clients N] [--rounds R] [--out DIR]``, or
+[--variants per-client,actor] [--clients N] [--rounds R] [--out DIR]``, ``fedkd bench
+--sweep [--strategies kd,fedmd] [--seeds S] [--repeats N]``, or
 ``python simulations/benchmark.py``.
 """
 
@@ -280,10 +284,25 @@ def main(argv: list[str] | None = None) -> int:
         help=f"--scaling: the fedkd variants to run, a comma list of {', '.join(VARIANTS)} "
         "(default: all)",
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="--strategies run one by one (a Ray start each) against fedkd.run_many (one "
+        "Ray start), interleaved --repeats times",
+    )
+    parser.add_argument(
+        "--strategies", default="kd,fedmd,dsfl,fd", help="--sweep: the strategies swept"
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="--sweep: seeds per strategy")
     parser.add_argument("overrides", nargs="*", help="field=value, applied to both sides")
     args = parser.parse_args(argv)
     if args.scaling:
         return _scaling(args)
+    if args.sweep:
+        from fedkd.bench_sweep import sweep_bench
+
+        names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+        return sweep_bench(names, args.seeds, args.overrides, args.repeats)
     if args.variants is not None:
         parser.error("--variants needs --scaling")
     overrides = _both_sides(args.overrides, args.audit)

@@ -108,29 +108,29 @@ def server_main(grid: Grid, context: Context) -> None:
     from fedkd.federation import Federation
     from fedkd.flower import FlowerJob, flower_nodes, make_server_app
     from fedkd.results import RunDirectory
-    from fedkd.runner import _Ended, _finish, _header, _prepare, _round_writer
+    from fedkd.run_steps import Ending, finish, header, prepare, round_writer
 
     t0 = time.time()
     cfg = config_from_run_config(context.run_config)
-    data, data_path = _prepare(cfg)
+    data, data_path = prepare(cfg)
     out = RunDirectory.create(cfg)
-    print(_header(cfg, out.path.resolve()), flush=True)
+    print(header(cfg, out.path.resolve()), flush=True)
     federation = Federation(cfg, data)
     job = FlowerJob(
         federation,
         str(data_path),
         str(out.clients_dir),
-        _round_writer(cfg, out, federation, quiet=False),
+        round_writer(cfg, out, federation, quiet=False),
         out.log_error,
     )
     stop = threading.Event()
-    ended = _Ended()
+    ended = Ending()
     try:
         _check_supernodes(grid, flower_nodes(cfg))
         make_server_app([job], stop, carry_state=True)(grid, context)
     except BaseException as err:  # noted as fedkd run notes it (re-raised below)
         ended.note(err, out)
-    result, ended = _finish(cfg, data, data_path, out, job, ended, stop, False, t0)
+    result, ended = finish(cfg, data, data_path, out, job, ended, stop, False, t0)
     if ended.interrupted:
         raise KeyboardInterrupt(result.summary.status)
     if ended.error is not None:

@@ -24,16 +24,16 @@ from fedkd.config import Config, ConfigError, load_config
 from fedkd.data import FederatedData
 from fedkd.federation import Federation
 from fedkd.results import RunDirectory
-from fedkd.runner import (
+from fedkd.run_steps import (
+    Ending,
     RunResult,
     SeedsResult,
-    _Ended,
-    _finish,
-    _header,
-    _prepare,
-    _round_writer,
-    _say,
-    _write_seeds,
+    finish,
+    header,
+    prepare,
+    round_writer,
+    say,
+    write_seeds,
 )
 from fedkd.vectorize import start_notes
 
@@ -134,7 +134,7 @@ def _prepared(index: int, cfg: Config, total: int) -> dict[int | None, tuple[Con
     for seed in seeds:
         c = cfg if seed is None else dataclasses.replace(cfg, seed=seed, seeds=[])
         try:
-            out[seed] = (c, _prepare(c))
+            out[seed] = (c, prepare(c))
         except ConfigError as err:
             raise _naming(err, index, total, cfg.name) from None
     return out
@@ -149,16 +149,16 @@ def _plan(
 
     out = RunDirectory.create(cfg)
     plan = _Plan(index, cfg, out)
-    _say(quiet, _header(cfg, out.path))
+    say(quiet, header(cfg, out.path))
     for seed, (c, (data, data_path)) in prepared.items():
         part_out = out if seed is None else out.child(f"seed-{seed}", c)
         if seed is None or seed == cfg.seeds[0]:
             for note in start_notes(c, str(data_path)):
-                _say(quiet, f"simulation.vectorize: {note}")
+                say(quiet, f"simulation.vectorize: {note}")
         federation = Federation(c, data)
         names = ([cfg.name] if many else []) + ([f"seed {seed}"] if seed is not None else [])
         prefix = " ".join(names) + ": " if names else ""
-        writer = _round_writer(c, part_out, federation, quiet, prefix)
+        writer = round_writer(c, part_out, federation, quiet, prefix)
         job = FlowerJob(
             federation, str(data_path), str(part_out.clients_dir), writer, part_out.log_error
         )
@@ -194,7 +194,7 @@ def _run_group(
 
     jobs = [part.job for plan in plans for part in plan.parts.values()]
     stop = threading.Event()
-    shared = _Ended()  # an ending of the whole simulation (Ctrl-C, Ray failing to start)
+    shared = Ending()  # an ending of the whole simulation (Ctrl-C, Ray failing to start)
     with ctrl_c_stops(stop):
         try:
             run_flower_jobs(jobs, stop=stop, keep_going=True)
@@ -208,17 +208,17 @@ def _run_group(
                 box = part.job.box
                 if shared.interrupted and "rounds_started" not in box:
                     continue  # never reached: "not run"
-                ended = _Ended()
+                ended = Ending()
                 ended.interrupted, ended.error = shared.interrupted, shared.error
                 start = t0 if first else box.get("rounds_started", t0)  # shared start-up
                 first = False
-                runs[seed], _ = _finish(
+                runs[seed], _ = finish(
                     part.config, part.data, part.data_path, part.out, part.job, ended, stop,
                     quiet, start, one_of_seeds=plan.multi_seed,
                 )  # fmt: skip
             if plan.multi_seed:
                 seeds = {s: r for s, r in runs.items() if s is not None}
-                result: RunResult | SeedsResult = _write_seeds(
+                result: RunResult | SeedsResult = write_seeds(
                     plan.config, plan.out, seeds, {s: None for s in plan.config.seeds}, quiet
                 )
             elif None in runs:

@@ -37,7 +37,7 @@ def test_baseline_takes_true_false_or_a_list_in_a_fixed_order():
 def test_baselines_that_cannot_run_are_refused_before_anything_runs():
     proxy = 'data.public={dataset="cifar100", size=10}'
     with pytest.raises(ConfigError) as err:  # (no files needed: the baseline check is first)
-        from fedkd.runner import _check_baselines
+        from fedkd.run_steps import _check_baselines
 
         _check_baselines(load_config(None, [proxy, 'baseline=["transfer"]']))
     assert err.value.field == "baseline" and "labelled" in str(err.value)
@@ -83,7 +83,7 @@ def test_centralised_trains_one_model_per_architecture_on_the_pooled_data():
 
 def test_summary_keeps_the_baselines_and_reads_them_back():
     from fedkd.results.summary import outcome_of, summarize
-    from fedkd.runner import _profiles
+    from fedkd.run_steps import _profiles
 
     cfg = load_config(None, BASE)
     data, _ = prepare_federated_data(cfg)

@@ -458,7 +458,7 @@ def test_soft_labels_of_a_batchnorm_model_are_probabilities_in_eval_mode():
 
 
 def test_dpsgd_refuses_a_batchnorm_student_before_round_1():
-    from fedkd.runner import _prepare
+    from fedkd.run_steps import prepare as _prepare
 
     cfg = load_config(
         None,

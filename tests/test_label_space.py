@@ -421,7 +421,7 @@ def test_a_run_without_a_server_model_never_builds_server_teacher() -> None:
     after its last round."""
     from types import SimpleNamespace
 
-    from fedkd.runner import _profiles
+    from fedkd.run_steps import _profiles
 
     cfg = load_config(None, ["strategy.name=fedmd", "clients.models=['cnn2d']"])
     assert cfg.server.teacher.name == "cnn1d"  # the default, a model for 1-D inputs
