@@ -113,7 +113,12 @@ def run_many(
 
 
 def _load(index: int, experiment: Experiment, total: int) -> Config:
-    config, overrides = experiment if isinstance(experiment, tuple) else (experiment, ())
+    config, overrides = experiment, ()
+    if isinstance(experiment, tuple | list):  # (a list: the pair, as JSON gives it back)
+        if len(experiment) != 2 or isinstance(experiment[1], str):
+            where = f"experiment {index + 1} of {total}"
+            raise ConfigError("", f"{where}: give a config or a (config, overrides) pair")
+        config, overrides = experiment
     try:
         return load_config(config, list(overrides))
     except ConfigError as err:

@@ -105,6 +105,13 @@ def test_a_bad_experiment_stops_the_sweep_before_anything_runs(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []  # no run folder made, nothing started
 
 
+def test_an_experiment_is_a_config_or_a_config_and_its_overrides(tmp_path: Path):
+    with pytest.raises(ConfigError, match="experiment 1 of 1: give a config or a"):
+        run_many([(None, "rounds=2")], quiet=True)  # overrides must be a list
+    with pytest.raises(ConfigError, match="clients.count: experiment 2 of 2"):
+        run_many([None, [None, ["clients.count=0"]]], quiet=True)  # a list pair (JSON's)
+
+
 def test_experiments_run_under_one_start_while_they_share_the_engine():
     class P:  # the one attribute _engine_groups reads
         def __init__(self, *overrides: str) -> None:
