@@ -231,6 +231,10 @@ def _fedkd_side(overrides: list[str]) -> dict[str, Any]:
         rounds = read_rounds(run_dir / "metrics.jsonl")
     return {
         "startup_s": summary.timing["rounds_started_at"] - spawned,
+        # of which: before the engine starts (imports, checks, data, models, run folder),
+        # then Ray's start and every worker's imports and warm-up
+        "before_engine_s": summary.timing["engine_started_at"] - spawned,
+        "engine_s": summary.timing["clients_ready_at"] - summary.timing["engine_started_at"],
         "round_s": [r.seconds for r in rounds],
         "accuracies": [[r.clients[c].accuracy for c in sorted(r.clients)] for r in rounds],
         "peak_mb": peak,
@@ -384,6 +388,12 @@ def _med(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+#: fedkd's start-up in two parts, printed below it
+STARTUP_PARTS = (
+    ("before Ray: imports, checks, data, models", "before_engine_s"),
+    ("Ray's start, workers' imports and warm-up", "engine_s"),
+)
+
 ROWS = (
     ("start-up (process start to round 1), s", "startup_s"),
     ("median seconds per round", "round_s"),
@@ -534,6 +544,9 @@ def _report(
     for label, key in ROWS:
         a, b = _med(fed, key), _med(plain, key)
         print(f"{label:42}{a:>10.2f}{b:>10.2f}{a / b:>10.2f}")
+        if key == "startup_s":
+            for part, k in STARTUP_PARTS:
+                print(f"  {part:40}{_med(fed, k):>10.2f}")
     print(f"same per-round accuracies on both sides: {verdict}")
     return 0 if same else 1
 

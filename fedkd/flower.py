@@ -425,7 +425,8 @@ def make_server_app(
     workers: int | None = None,
 ) -> ServerApp:
     """A ServerApp that runs (or continues) each job's federation in turn, on the same
-    simulated clients; each job's ``box`` gets ``rounds_started``. A failed federation
+    simulated clients; each job's ``box`` gets ``rounds_started`` (the first job's also
+    ``clients_ready``: every worker answered the start-up handshake). A failed federation
     raises :class:`RunFailed`, or, with ``keep_going``, is kept in its job's ``error``
     and the next job runs. Ctrl-C (``stop``) ends them all. ``carry_state``: client
     states travel in the messages (kept in each job's ``state_dir`` here)."""
@@ -443,6 +444,7 @@ def make_server_app(
         if missing:
             raise RunFailed(f"nodes {missing} did not answer the start-up handshake")
         by_slot = [mapping[s] for s in range(slots)]
+        jobs[0].box["clients_ready"] = time.time()  # every worker started and warmed up
         for run, job in enumerate(jobs):
             job.box["rounds_started"] = time.time()
             config = job.federation.config
@@ -663,6 +665,7 @@ def run_flower_jobs(
                 files = ship_data(j.data_path for j in jobs)
             else:
                 backend, workers = backend_config(config), local_workers(config)
+            jobs[0].box["engine_started"] = time.time()  # Ray and the workers start now
             run_simulation(
                 server_app=make_server_app(jobs, halt, keep_going, cluster, workers),
                 client_app=make_client_app(jobs, files),

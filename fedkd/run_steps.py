@@ -402,6 +402,9 @@ def _timing(
     if "rounds_started" in box:
         timing["startup_s"] = box["rounds_started"] - t0
         timing["rounds_started_at"] = box["rounds_started"]
+    if "engine_started" in box and "clients_ready" in box:  # (the first of a shared start)
+        timing["engine_started_at"] = box["engine_started"]
+        timing["clients_ready_at"] = box["clients_ready"]
     if records:
         timing["median_round_s"] = statistics.median(r.seconds for r in records)
     return timing

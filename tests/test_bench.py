@@ -172,8 +172,24 @@ def test_the_scaling_mode_writes_its_table_json_and_plot(tmp_path, capsys):
     assert list(row["fedkd"]) == ["actor"]
     for run in (row["plain"], row["fedkd"]["actor"]):
         assert run["peak_mb"] > 0 and len(run["round_s"]) == 2
-    assert row["fedkd"]["actor"]["same"] is True
+    actor = row["fedkd"]["actor"]
+    assert actor["same"] is True
+    # the start-up's two parts: before Ray, then Ray and its workers; together within it
+    assert actor["before_engine_s"] > 0 and actor["engine_s"] > 0
+    assert actor["before_engine_s"] + actor["engine_s"] <= actor["startup_s"]
     assert "simulation.vectorize=false" in row["fedkd"]["actor"]["overrides"]
     assert (tmp_path / "scaling.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "one actor per worker" in out and "same accuracies as the plain loop: yes" in out
+
+
+@pytest.mark.slow
+@pytest.mark.simulation
+def test_the_sweep_mode_times_one_by_one_against_run_many_with_equal_accuracies(capsys):
+    args = ["--sweep", "--strategies", "kd,fedmd", "--repeats", "1", *SMALL, "rounds=2"]
+    assert main([*args, "privacy.audit=false", "server.public_subset=200"]) == 0
+    out = capsys.readouterr().out
+    assert "2 experiments (strategies kd, fedmd; 1 seed each" in out
+    assert "same accuracies on both sides: yes" in out
+    wall = next(line for line in out.splitlines() if line.startswith("wall time, s"))
+    assert len(wall.split()) == 6  # label (3 words), both sides and their ratio
