@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,9 @@ def _error_record(cid: int, err: BaseException) -> ConfigRecord:
 class FlowerJob:
     """One federation to run under a shared Flower + Ray start (e.g. one seed of many):
     its server state, the files its clients read and write, and its callbacks.
-    ``error`` is set when its federation failed (the next job still runs)."""
+    ``error`` is set when its federation failed (the next job still runs).
+    ``on_end`` is called in the server loop's thread when its federation has ended
+    (completed or failed, not interrupted), before the next job starts."""
 
     federation: Federation
     data_path: str
@@ -90,6 +92,7 @@ class FlowerJob:
     errors: ErrorLog | None = None
     box: dict[str, Any] = field(default_factory=dict)
     error: RunFailed | None = None
+    on_end: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -446,6 +449,8 @@ def make_server_app(
         by_slot = [mapping[s] for s in range(slots)]
         jobs[0].box["clients_ready"] = time.time()  # every worker started and warmed up
         for run, job in enumerate(jobs):
+            if stop is not None and stop.is_set():  # (e.g. set by an earlier job's on_end)
+                raise Interrupted("stopped before the next federation")
             job.box["rounds_started"] = time.time()
             config = job.federation.config
             states = DiskStateStore(job.state_dir) if carry_state else None
@@ -461,6 +466,8 @@ def make_server_app(
                 job.error = err
             finally:
                 job.box["rounds_ended"] = time.time()
+            if job.on_end is not None:
+                job.on_end()
 
     return app
 
@@ -501,10 +508,11 @@ def backend_config(config: Config, gpus_present: bool | None = None) -> dict[str
 
 def engine_key(config: Config) -> str:
     """What runs under one Flower simulation must share: the backend, ``ray.init``'s
-    arguments (cluster address included), the per-client resources and verbosity. Runs
+    arguments (cluster address included), the per-client resources, the device (on a
+    cluster it decides the GPU reservation) and verbosity. Runs
     with equal keys can share one Ray start (:func:`run_flower_jobs`)."""
     sim = config.simulation
-    key = [sim.backend, sim.verbose, backend_config(config)]
+    key = [sim.backend, sim.verbose, backend_config(config), config.device]
     return json.dumps(key, sort_keys=True, default=str)
 
 

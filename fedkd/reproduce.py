@@ -42,7 +42,7 @@ from typing import Any
 import tomllib
 
 from fedkd.config import ConfigError
-from fedkd.results.records import RunSummary
+from fedkd.results.records import Outcome, RunSummary
 from fedkd.results.seeds import METRICS, Spread, paired
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,7 +323,7 @@ def reproduce(
     def done(i: int, result: Any) -> None:
         name, run = where[i]
         results[name][run] = read_seeds(result.directory)
-        if result.exit_code != 0:
+        if result.summary.outcome is Outcome.FAILED:  # (stopped early by a budget: a result)
             out.errors.append(f"{name}/{run}: {result.summary.status}")
         if not quiet:
             print(f"[{i + 1}/{len(where)}] {name}/{run}: {result.summary.status}", flush=True)

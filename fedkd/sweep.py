@@ -23,7 +23,7 @@ from typing import Any
 from fedkd.config import Config, ConfigError, load_config
 from fedkd.data import FederatedData
 from fedkd.federation import Federation
-from fedkd.results import RunDirectory
+from fedkd.results import Outcome, RunDirectory
 from fedkd.run_steps import (
     Ending,
     RunResult,
@@ -84,7 +84,10 @@ def run_many(
             runs each seed, as :func:`fedkd.run` does.
         quiet: print nothing (results are still written to the run folders).
         on_result: called with ``(index, result)`` as soon as an experiment is finished
-            (e.g. to update a comparison table that survives a Ctrl-C).
+            (its baselines, summary and plot written), before the next one starts; e.g.
+            to update a comparison table that survives a Ctrl-C. If it raises, the sweep
+            stops there (the experiment then running is written as interrupted) and the
+            exception is re-raised.
         started: wall-clock time the process started, for the start-up figure (it is
             counted in the first federation's time).
 
@@ -92,11 +95,16 @@ def run_many(
         One result per experiment, in order: a :class:`RunResult`, or a
         :class:`SeedsResult` for a multi-seed config. A run that failed does not stop
         the others; its result's ``exit_code`` is non-zero (nothing is raised for it).
+        Ray failing to start fails every experiment of its start.
 
     Raises:
         ConfigError: a bad setting in any experiment, naming it, before anything runs.
-        KeyboardInterrupt: Ctrl-C, after every started experiment's summary is written
-            (an experiment not reached has only its config; ``fedkd resume`` runs it).
+        KeyboardInterrupt: Ctrl-C, after the experiment then running is written as
+            interrupted (those finished before stay as they ended; one not reached has
+            only its config, and ``fedkd resume`` on its folder runs it).
+
+    Every experiment's data and server state are built before Ray starts (so a sweep
+    of large datasets holds them all; experiments on the same data file share it).
     """
     t0 = time.time() if started is None else started
     configs = [_load(i, e, len(experiments)) for i, e in enumerate(experiments)]
@@ -108,7 +116,7 @@ def run_many(
         interrupted = _run_group(group, results, quiet, on_result, t0)
         t0 = time.time()  # a later group's own Ray start is its first federation's
         if interrupted:
-            raise KeyboardInterrupt("interrupted")
+            raise KeyboardInterrupt(f"interrupted: {len(results)} of {len(plans)} finished")
     return [results[p.index] for p in plans]
 
 
@@ -161,7 +169,8 @@ def _plan(
             for note in start_notes(c, str(data_path)):
                 say(quiet, f"simulation.vectorize: {note}")
         federation = Federation(c, data)
-        names = ([cfg.name] if many else []) + ([f"seed {seed}"] if seed is not None else [])
+        names = [f"[{index + 1}] {cfg.name}"] if many else []
+        names += [f"seed {seed}"] if seed is not None else []
         prefix = " ".join(names) + ": " if names else ""
         writer = round_writer(c, part_out, federation, quiet, prefix)
         job = FlowerJob(
@@ -193,44 +202,73 @@ def _run_group(
     on_result: OnResult | None,
     t0: float,
 ) -> bool:
-    """Run ``plans``' federations under one simulation, then finish each experiment;
-    True when Ctrl-C ended it."""
+    """Run ``plans``' federations under one simulation, finishing each experiment as
+    soon as its federations have ended (in the server loop's thread, before the next
+    one starts); the rest (Ctrl-C, Ray failing) after the simulation. True when an
+    experiment was interrupted or not reached."""
     from fedkd.flower import ctrl_c_stops, run_flower_jobs
 
     jobs = [part.job for plan in plans for part in plan.parts.values()]
     stop = threading.Event()
     shared = Ending()  # an ending of the whole simulation (Ctrl-C, Ray failing to start)
+    raised: list[BaseException] = []  # what on_result raised: no more runs, re-raised below
+    finished: set[int] = set()
+
+    def finish_plan(plan: _Plan) -> None:
+        finished.add(plan.index)
+        runs: dict[int | None, RunResult] = {}
+        for seed, part in plan.parts.items():
+            box = part.job.box
+            if "rounds_started" not in box:
+                continue  # never reached: "not run"
+            ended = Ending()
+            ended.interrupted, ended.error = shared.interrupted, shared.error
+            start = t0 if part.job is jobs[0] else box["rounds_started"]  # shared start-up
+            runs[seed], _ = finish(
+                part.config, part.data, part.data_path, part.out, part.job, ended, stop,
+                quiet, start, one_of_seeds=plan.multi_seed,
+            )  # fmt: skip
+        if not runs:
+            return  # no federation of it started
+        if plan.multi_seed:
+            seeds = {s: r for s, r in runs.items() if s is not None}
+            every = {s: None for s in plan.config.seeds}
+            result: RunResult | SeedsResult = write_seeds(
+                plan.config, plan.out, seeds, every, quiet
+            )
+        else:
+            result = runs[None]
+        results[plan.index] = result
+        if on_result is not None and not raised:
+            try:
+                on_result(plan.index, result)
+            except BaseException as err:  # (e.g. SystemExit) ends the sweep, finished as is
+                raised.append(err)
+                stop.set()
+
+    def when_ended(plan: _Plan) -> Callable[[], None]:
+        def end() -> None:
+            if all("rounds_ended" in part.job.box for part in plan.parts.values()):
+                finish_plan(plan)
+
+        return end
+
+    for plan in plans:
+        for part in plan.parts.values():
+            part.job.on_end = when_ended(plan)
     with ctrl_c_stops(stop):
         try:
             run_flower_jobs(jobs, stop=stop, keep_going=True)
         except BaseException as err:
             for plan in plans:
-                shared.note(err, plan.out)
-        first = True
+                if plan.index not in finished:
+                    shared.note(err, plan.out)
         for plan in plans:
-            runs: dict[int | None, RunResult] = {}
-            for seed, part in plan.parts.items():
-                box = part.job.box
-                if shared.interrupted and "rounds_started" not in box:
-                    continue  # never reached: "not run"
-                ended = Ending()
-                ended.interrupted, ended.error = shared.interrupted, shared.error
-                start = t0 if first else box.get("rounds_started", t0)  # shared start-up
-                first = False
-                runs[seed], _ = finish(
-                    part.config, part.data, part.data_path, part.out, part.job, ended, stop,
-                    quiet, start, one_of_seeds=plan.multi_seed,
-                )  # fmt: skip
-            if plan.multi_seed:
-                seeds = {s: r for s, r in runs.items() if s is not None}
-                result: RunResult | SeedsResult = write_seeds(
-                    plan.config, plan.out, seeds, {s: None for s in plan.config.seeds}, quiet
-                )
-            elif None in runs:
-                result = runs[None]
-            else:
-                continue  # a one-seed run never reached
-            results[plan.index] = result
-            if on_result is not None:
-                on_result(plan.index, result)
-    return shared.interrupted or stop.is_set()
+            if plan.index not in finished:
+                finish_plan(plan)
+    if raised:
+        raise raised[0]
+    return any(
+        p.index not in results or results[p.index].summary.outcome is Outcome.INTERRUPTED
+        for p in plans
+    )

@@ -6,6 +6,7 @@ starts, naming the experiment."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -46,13 +47,13 @@ def sweep(tmp_path_factory: pytest.TempPathFactory):
         starts.append(kwargs)
         return real_init(*args, **kwargs)
 
-    seen: list[int] = []
+    seen: list[tuple[int, float]] = []  # (experiment, when its result was reported)
     ray.init = counting_init
     try:
         results = run_many(
             [(c, [*o, f"output_dir={out}"]) for c, o in EXPERIMENTS],
             quiet=True,
-            on_result=lambda i, r: seen.append(i),
+            on_result=lambda i, r: seen.append((i, time.time())),
         )
     finally:
         ray.init = real_init
@@ -70,7 +71,11 @@ def _alone(config: str | None, overrides: list[str]) -> list:
 def test_a_sweep_starts_ray_once_and_finishes_each_experiment_in_order(sweep):
     results, starts, seen = sweep
     assert len(starts) == 1
-    assert seen == [0, 1, 2]
+    assert [i for i, _ in seen] == [0, 1, 2]
+    # each experiment is finished and reported before the next one's rounds start
+    for (_, reported), later in zip(seen[:2], results[1:], strict=True):
+        runs = later.runs.values() if isinstance(later, SeedsResult) else [later]
+        assert all(reported < r.summary.timing["rounds_started_at"] for r in runs)
     assert [type(r) for r in results] == [RunResult, RunResult, SeedsResult]
     assert [r.exit_code for r in results] == [0, 0, 0]
     folders = [r.directory for r in results]
@@ -93,6 +98,24 @@ def test_each_experiment_of_a_sweep_gives_its_numbers_alone(sweep):
     assert isinstance(seeds, SeedsResult)
     one = read_rounds(seeds.directory / "seed-1" / "metrics.jsonl")
     assert _numbers(one) == _alone(None, [*BASE, "seed=1"])
+
+
+@pytest.mark.simulation
+def test_an_on_result_that_raises_stops_the_sweep_and_is_re_raised(tmp_path: Path):
+    class Enough(Exception):
+        pass
+
+    def stop_after_first(i: int, result) -> None:
+        raise Enough(f"experiment {i} ended {result.summary.status}")
+
+    runs = [(None, [*BASE, "rounds=1", f"output_dir={tmp_path}", f"name=e{i}"]) for i in (0, 1)]
+    with pytest.raises(Enough, match="experiment 0 ended completed"):
+        run_many(runs, quiet=True, on_result=stop_after_first)
+    (first,) = tmp_path.glob("e0-*")
+    (second,) = tmp_path.glob("e1-*")
+    assert read_summary(first).status == "completed"
+    assert not (second / "summary.json").exists()  # never started: only its config
+    assert (second / "config.toml").is_file()
 
 
 def test_a_bad_experiment_stops_the_sweep_before_anything_runs(tmp_path: Path):
@@ -132,3 +155,52 @@ def test_run_flower_jobs_refuses_jobs_that_do_not_share_the_engine(tmp_path: Pat
 
     with pytest.raises(ValueError, match="does not share the engine"):
         run_flower_jobs([job(), job("simulation.num_cpus=2")])
+
+
+@pytest.mark.slow
+@pytest.mark.simulation
+def test_ctrl_c_leaves_finished_experiments_as_they_ended(tmp_path: Path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    common = [*SMALL, "privacy.audit=false", f"output_dir={tmp_path}"]
+    runs = [
+        (None, [*common, "rounds=2", "name=first"]),
+        (None, [*common, "rounds=30", "name=long"]),
+    ]
+    code = (
+        "import json, sys, fedkd\n"
+        "try:\n"
+        "    fedkd.run_many([tuple(r) for r in json.loads(sys.argv[1])], quiet=True)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(runs)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group, like a terminal's foreground job
+    )
+    deadline = time.monotonic() + 240
+    metrics = None
+    while time.monotonic() < deadline and metrics is None:
+        for found in tmp_path.glob("long-*/metrics.jsonl"):
+            if len(found.read_text().splitlines()) >= 2:
+                metrics = found
+        time.sleep(0.2)
+    assert metrics is not None, "the second experiment never finished two rounds"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole process group
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err[-2000:]
+    (first,) = tmp_path.glob("first-*")
+    assert read_summary(first).status == "completed"  # finished before: as it ended
+    assert (first / "baseline.jsonl").is_file()  # its local-only baseline ran
+    long = read_summary(metrics.parent)
+    assert long.outcome.value == "interrupted" and 2 <= long.rounds_completed < 30
