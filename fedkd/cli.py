@@ -45,13 +45,42 @@ def _outcome(call: Callable[[], Any], allow_partial: bool) -> int:
 def _run(args: argparse.Namespace) -> int:
     from fedkd.runner import run
 
-    config = None
-    overrides = list(args.items)
-    if overrides and "=" not in overrides[0]:
-        config = overrides.pop(0)
+    items = list(args.items)
+    configs = []
+    while items and "=" not in items[0]:  # config files first, then the overrides
+        configs.append(items.pop(0))
+    overrides = items
+    if len(configs) > 1:
+        return _outcome(lambda: _run_many(configs, overrides, args.quiet), args.allow_partial)
+    config = configs[0] if configs else None
     return _outcome(
         lambda: run(config, overrides, quiet=args.quiet, started=_STARTED), args.allow_partial
     )
+
+
+class _Sweep:
+    """What ``fedkd run A.toml B.toml ...`` ended with: the worst experiment's outcome."""
+
+    def __init__(self, results: list[Any]) -> None:
+        from fedkd.results.seeds import worst
+
+        self.outcome = worst(r.summary.outcome for r in results)
+
+    @property
+    def exit_code(self) -> int:
+        return self.outcome.exit_code
+
+
+def _run_many(configs: list[str], overrides: list[str], quiet: bool) -> _Sweep:
+    """Several configs, the same overrides on each, under one Ray start."""
+    from fedkd.sweep import run_many
+
+    results = run_many([(c, overrides) for c in configs], quiet=quiet, started=_STARTED)
+    if not quiet:
+        print("\nfedkd: each experiment (one Ray start):")
+        for config, result in zip(configs, results, strict=True):
+            print(f"  {config}: {result.summary.status} ({result.directory})")
+    return _Sweep(results)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -214,7 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, items, text in (
-        ("run", _run, "[config.toml] [field.path=value ...]", "run an experiment"),
+        (
+            "run",
+            _run,
+            "[config.toml ...] [field.path=value ...]",
+            "run an experiment (several configs: one after another under one Ray start, "
+            "the overrides applied to each)",
+        ),
         ("resume", _resume, "RUN_DIR", "continue a killed or interrupted run"),
     ):
         p = sub.add_parser(name, help=text)

@@ -6,6 +6,11 @@ starts, naming the experiment."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -160,12 +165,6 @@ def test_run_flower_jobs_refuses_jobs_that_do_not_share_the_engine(tmp_path: Pat
 @pytest.mark.slow
 @pytest.mark.simulation
 def test_ctrl_c_leaves_finished_experiments_as_they_ended(tmp_path: Path):
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-
     root = Path(__file__).resolve().parents[1]
     common = [*SMALL, "privacy.audit=false", f"output_dir={tmp_path}"]
     runs = [
@@ -204,3 +203,35 @@ def test_ctrl_c_leaves_finished_experiments_as_they_ended(tmp_path: Path):
     assert (first / "baseline.jsonl").is_file()  # its local-only baseline ran
     long = read_summary(metrics.parent)
     assert long.outcome.value == "interrupted" and 2 <= long.rounds_completed < 30
+
+
+def _fedkd(*args: str) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-m", "fedkd.cli", *args],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.simulation
+def test_fedkd_run_with_several_configs_runs_them_under_one_start(tmp_path: Path):
+    configs = ["simulations/quickstart.toml", "simulations/fedmd.toml"]
+    overrides = [*BASE, "rounds=1", "server.public_subset=200", f"output_dir={tmp_path}"]
+    proc = _fedkd("run", *configs, *overrides)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fedkd: each experiment (one Ray start):" in proc.stdout
+    for config in configs:
+        assert f"  {config}: completed (" in proc.stdout
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["fedmd", "quickstart"]
+
+
+def test_fedkd_run_with_a_bad_second_config_says_which_before_anything_runs(tmp_path: Path):
+    configs = ["simulations/quickstart.toml", "simulations/fedmd.toml"]
+    proc = _fedkd("run", *configs, *BASE, f"output_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "experiment 2 of 2 (simulations/fedmd.toml)" in proc.stderr  # its public_subset
+    assert list(tmp_path.iterdir()) == []

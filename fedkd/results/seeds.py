@@ -283,22 +283,28 @@ _SEVERITY = [
 ]
 
 
+def worst(outcomes: Iterable[Outcome]) -> Outcome:
+    """The worst of ``outcomes`` (completed < stopped early < completed with failures <
+    interrupted < failed): the outcome of several runs taken together."""
+    return max(outcomes, key=_SEVERITY.index)
+
+
 def _overall(runs: Mapping[int, RunSummary | None]) -> tuple[Outcome, str]:
     """The worst outcome over the seeds, and a status line that names the seeds."""
     ran = {s: r for s, r in runs.items() if r is not None}
     missing = [s for s, r in runs.items() if r is None]
     if not ran:
         return Outcome.INTERRUPTED, "interrupted before any seed ran"
-    worst = max((r.outcome for r in ran.values()), key=_SEVERITY.index)
-    if missing and _SEVERITY.index(worst) < _SEVERITY.index(Outcome.INTERRUPTED):
-        worst = Outcome.INTERRUPTED
-    if worst is Outcome.COMPLETED:
-        return worst, f"completed ({len(ran)} seeds)"
+    overall = worst(r.outcome for r in ran.values())
+    if missing and _SEVERITY.index(overall) < _SEVERITY.index(Outcome.INTERRUPTED):
+        overall = Outcome.INTERRUPTED
+    if overall is Outcome.COMPLETED:
+        return overall, f"completed ({len(ran)} seeds)"
     bad = [s for s, r in ran.items() if r.outcome is not Outcome.COMPLETED]
     parts = [f"seed {s}: {ran[s].status}" for s in bad]
     if missing:
         parts.append(f"seeds {missing} not run")
-    return worst, f"{worst.value}: " + "; ".join(parts)
+    return overall, f"{overall.value}: " + "; ".join(parts)
 
 
 def seed_folders(run: Path) -> dict[int, Path]:
