@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fedkd.config import apply_overrides, load_config
+from fedkd.cpu_usage import KINDS, CPUTrace
 
 #: the strategy the plain loop writes out by hand (both sides run it)
 MIRRORED = "kd"
@@ -101,7 +102,12 @@ def plain_loop(overrides: list[str], started: float) -> dict[str, Any]:
         targets, accs = world.round(rnd, targets)
         seconds.append(time.perf_counter() - start)
         accuracies.append(accs)
-    return {"startup_s": first_round_at - started, "round_s": seconds, "accuracies": accuracies}
+    return {
+        "startup_s": first_round_at - started,
+        "first_round_at": first_round_at,
+        "round_s": seconds,
+        "accuracies": accuracies,
+    }
 
 
 class _PlainWorld:
@@ -225,12 +231,13 @@ def _fedkd_side(overrides: list[str]) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "fedkd.cli", "run", "-q", *overrides]
         cmd += ["baseline=false", f"output_dir={tmp}"]
         spawned = time.time()
-        peak = _run_measured(cmd)
+        peak, cpu = _run_measured(cmd)
         (run_dir,) = Path(tmp).iterdir()
         summary = read_summary(run_dir)
         rounds = read_rounds(run_dir / "metrics.jsonl")
     return {
         "startup_s": summary.timing["rounds_started_at"] - spawned,
+        "startup_cpu": cpu.at(summary.timing["rounds_started_at"]),
         # of which: before the engine starts (imports, checks, data, models, run folder),
         # then Ray's start and every worker's imports and warm-up
         "before_engine_s": summary.timing["engine_started_at"] - spawned,
@@ -241,16 +248,17 @@ def _fedkd_side(overrides: list[str]) -> dict[str, Any]:
     }
 
 
-def _run_measured(cmd: list[str], stdout: Any = None) -> float:
-    """Run ``cmd`` (it must succeed); the peak PSS of it and its processes, in MB."""
+def _run_measured(cmd: list[str], stdout: Any = None) -> tuple[float, CPUTrace]:
+    """Run ``cmd`` (it must succeed); the peak PSS of it and its processes, in MB, and
+    their CPU time as it grew."""
     from fedkd.memory import PeakPSS
 
     proc = subprocess.Popen(cmd, stdout=stdout, text=True)
-    with PeakPSS(proc.pid) as peak:
+    with PeakPSS(proc.pid) as peak, CPUTrace(proc.pid) as cpu:
         proc.wait()
     if proc.returncode:
         raise subprocess.CalledProcessError(proc.returncode, cmd)
-    return peak.peak_mb
+    return peak.peak_mb, cpu
 
 
 def _plain_side(overrides: list[str]) -> dict[str, Any]:
@@ -259,10 +267,11 @@ def _plain_side(overrides: list[str]) -> dict[str, Any]:
         "print(json.dumps(plain_loop(sys.argv[1:], t)))"
     )
     with tempfile.TemporaryFile("w+") as out:
-        peak = _run_measured([sys.executable, "-c", code, *overrides], stdout=out)
+        peak, cpu = _run_measured([sys.executable, "-c", code, *overrides], stdout=out)
         out.seek(0)
         lines = out.read().strip().splitlines()
-    return {**json.loads(lines[-1]), "peak_mb": peak}
+    run = json.loads(lines[-1])
+    return {**run, "startup_cpu": cpu.at(run["first_round_at"]), "peak_mb": peak}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--clients", type=int, default=10_000, help="--scaling: clients in all")
     parser.add_argument("--rounds", type=int, default=3, help="--scaling: rounds per run")
-    parser.add_argument("--out", default=".", help="--scaling: folder for the json and plot")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for the figures: bench.json (every run's), or with --scaling "
+        "scaling.json and scaling.png (default: this folder)",
+    )
     parser.add_argument(
         "--variants",
         type=_variant_names,
@@ -311,7 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--variants needs --scaling")
     overrides = _both_sides(args.overrides, args.audit)
     fed, plain = _compare(overrides, args.repeats)
-    return _report(fed, plain, args.audit, _tolerance(overrides))
+    code = _report(fed, plain, args.audit, _tolerance(overrides))
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        figures = {"overrides": overrides, "cores": cores(), "fedkd": fed, "plain": plain}
+        (out / "bench.json").write_text(json.dumps(figures, indent=1))
+        print(f"every run's figures: {out / 'bench.json'}")
+    return code
 
 
 def _variant_names(text: str) -> list[str]:
@@ -382,10 +403,28 @@ def _compare(overrides: list[str], repeats: int) -> tuple[list[dict], list[dict]
 
 
 def _med(runs: list[dict[str, Any]], key: str) -> float:
-    """The median of ``key`` over runs (over all their rounds for ``round_s``)."""
+    """The median of ``key`` over runs (over all their rounds for ``round_s``; of the
+    total over kinds for ``startup_cpu``, or of one kind's for ``startup_cpu.KIND``)."""
     if key == "round_s":
         return statistics.median(s for r in runs for s in r["round_s"])
+    if key.startswith("startup_cpu"):
+        kinds = KINDS if key == "startup_cpu" else (key.split(".", 1)[1],)
+        return statistics.median(sum(r["startup_cpu"][k] for k in kinds) for r in runs)
     return statistics.median(r[key] for r in runs)
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS says)."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def pair_ratios(fed: list[dict[str, Any]], plain: list[dict[str, Any]]) -> list[float]:
+    """Each interleaved pair's ratio of median seconds per round (fedkd over plain)."""
+    return [_med([f], "round_s") / _med([p], "round_s") for f, p in zip(fed, plain, strict=True)]
 
 
 #: fedkd's start-up in two parts, printed below it
@@ -393,6 +432,13 @@ STARTUP_PARTS = (
     ("before Ray: imports, checks, data, models", "before_engine_s"),
     ("Ray's start, workers' imports and warm-up", "engine_s"),
 )
+
+#: the start-up's CPU seconds by kind of process (:data:`fedkd.cpu_usage.KINDS`)
+CPU_PARTS = {
+    "process": "the run's own process",
+    "workers": "Ray's worker processes",
+    "ray": "Ray's own services (GCS, raylet, ...)",
+}
 
 ROWS = (
     ("start-up (process start to round 1), s", "startup_s"),
@@ -452,7 +498,7 @@ def _scaling(args: argparse.Namespace) -> int:
     same = all(v["same"] for row in rows for v in row["fedkd"].values())
     _print_scaling(rows, f"{n} clients, {args.rounds} rounds, one run of each per row")
     print(f"same accuracies as the plain loop: {'yes' if same else 'NO'}")
-    out = Path(args.out)
+    out = Path(args.out or ".")
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(rows, indent=1))
     _plot_scaling(rows, variants, out / "scaling.png")
@@ -547,8 +593,24 @@ def _report(
         if key == "startup_s":
             for part, k in STARTUP_PARTS:
                 print(f"  {part:40}{_med(fed, k):>10.2f}")
+            _report_cpu(fed, plain)
+        if key == "round_s" and len(fed) > 1:
+            ratios = ", ".join(f"{r:.2f}" for r in pair_ratios(fed, plain))
+            print(f"  ratio in each interleaved pair: {ratios}")
     print(f"same per-round accuracies on both sides: {verdict}")
     return 0 if same else 1
+
+
+def _report_cpu(fed: list[dict[str, Any]], plain: list[dict[str, Any]]) -> None:
+    """The CPU seconds all processes burn before round 1, by kind, and the start-up that
+    they allow at best: spread perfectly over this machine's cores."""
+    n = cores()
+    a, b = _med(fed, "startup_cpu"), _med(plain, "startup_cpu")
+    print(f"{'CPU-seconds before round 1, all processes':42}{a:>10.2f}{b:>10.2f}{a / b:>10.2f}")
+    for kind, label in CPU_PARTS.items():
+        print(f"  {label:40}{_med(fed, f'startup_cpu.{kind}'):>10.2f}")
+    floor = f"start-up floor: those over the {n} core{'s' if n > 1 else ''}"
+    print(f"{floor:42}{a / n:>10.2f}{b / n:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,11 @@ def test_the_scaling_mode_writes_its_table_json_and_plot(tmp_path, capsys):
     # the start-up's two parts: before Ray, then Ray and its workers; together within it
     assert actor["before_engine_s"] > 0 and actor["engine_s"] > 0
     assert actor["before_engine_s"] + actor["engine_s"] <= actor["startup_s"]
+    # the CPU it burnt before round 1: its own process and Ray's workers, which the
+    # plain loop has none of
+    assert actor["startup_cpu"]["process"] > 0.5 and actor["startup_cpu"]["workers"] > 0.5
+    assert row["plain"]["startup_cpu"]["process"] > 0.5
+    assert row["plain"]["startup_cpu"]["workers"] == row["plain"]["startup_cpu"]["ray"] == 0
     assert "simulation.vectorize=false" in row["fedkd"]["actor"]["overrides"]
     assert (tmp_path / "scaling.png").stat().st_size > 0
     out = capsys.readouterr().out
@@ -193,3 +198,59 @@ def test_the_sweep_mode_times_one_by_one_against_run_many_with_equal_accuracies(
     assert "same accuracies on both sides: yes" in out
     wall = next(line for line in out.splitlines() if line.startswith("wall time, s"))
     assert len(wall.split()) == 6  # label (3 words), both sides and their ratio
+
+
+def _timed(round_s: list[float], cpu: dict[str, float]) -> dict:
+    return {
+        "startup_s": 3.0,
+        "before_engine_s": 1.0,
+        "engine_s": 1.5,
+        "round_s": round_s,
+        "peak_mb": 10.0,
+        "accuracies": [[0.5]],
+        "startup_cpu": cpu,
+    }
+
+
+def test_the_report_shows_the_start_ups_cpu_seconds_their_floor_and_each_pairs_ratio(
+    monkeypatch, capsys
+):
+    import fedkd.bench as bench
+
+    monkeypatch.setattr(bench, "cores", lambda: 2)
+    fed = [
+        _timed([1.0, 3.0], {"process": 4.0, "workers": 10.0, "ray": 3.0}),
+        _timed([1.0], {"process": 5.0, "workers": 8.0, "ray": 2.0}),
+    ]
+    plain = [
+        _timed([4.0], {"process": 2.0, "workers": 0.0, "ray": 0.0}),
+        _timed([5.0], {"process": 3.0, "workers": 0.0, "ray": 0.0}),
+    ]
+    assert bench._report(fed, plain, audit=False) == 0
+    lines = [_words(x) for x in capsys.readouterr().out.splitlines()]
+    # medians over the two runs, by kind; the floor is the CPU-seconds over the 2 cores
+    assert "CPU-seconds before round 1, all processes 16.00 2.50 6.40" in lines
+    assert "the run's own process 4.50" in lines
+    assert "Ray's worker processes 9.00" in lines
+    assert "Ray's own services (GCS, raylet, ...) 2.50" in lines
+    assert "start-up floor: those over the 2 cores 8.00 1.25" in lines
+    # the median round over all of a side's rounds (1.0 against 4.5), and each pair's
+    assert "median seconds per round 1.00 4.50 0.22" in lines
+    assert "ratio in each interleaved pair: 0.50, 0.20" in lines
+
+
+@pytest.mark.slow
+@pytest.mark.simulation
+def test_the_benchmark_prints_its_figures_and_keeps_every_runs_in_a_file(tmp_path, capsys):
+    import json
+
+    args = ["--repeats", "1", "--out", str(tmp_path), *SMALL, "rounds=2"]
+    assert main(args) == 0
+    out = [_words(x) for x in capsys.readouterr().out.splitlines()]
+    assert any(x.startswith("CPU-seconds before round 1, all processes") for x in out)
+    assert "same per-round accuracies on both sides: yes" in out
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    assert figures["cores"] >= 1 and f"strategy={MIRRORED}" in figures["overrides"]
+    (fed,), (plain,) = figures["fedkd"], figures["plain"]
+    assert len(fed["round_s"]) == len(plain["round_s"]) == 2
+    assert fed["startup_cpu"]["workers"] > 0 and plain["startup_cpu"]["workers"] == 0

@@ -1,0 +1,50 @@
+"""CPUTrace counts the CPU time of a process tree by kind of process: the process itself,
+Ray's worker processes (``ray::...``) and any other descendant (Ray's services)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedkd.cpu_usage import KINDS, CPUTrace, cpu_seconds
+
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
+
+# the root burns CPU, then starts a "worker" (argv[0] ray::Fake, as Ray names them) and
+# another child, each burning CPU and then waiting, so the trace sees their last figure
+ROOT = f"""
+import subprocess, sys, time
+{BURN}
+burn = {BURN!r} + "time.sleep(0.6)"
+kids = [
+    subprocess.Popen(["bash", "-c", 'exec -a "ray::Fake" "$0" -c "$1"', sys.executable, burn]),
+    subprocess.Popen([sys.executable, "-c", burn]),
+]
+for k in kids:
+    k.wait()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_it_counts_each_kind_of_process_in_the_tree():
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", ROOT])
+    with CPUTrace(proc.pid, interval=0.05) as trace:
+        proc.wait()
+    assert proc.returncode == 0
+    final = trace.at(time.time())
+    assert set(final) == set(KINDS)
+    for kind in KINDS:  # each burnt 0.4 s (a sample may miss the last tenths)
+        assert final[kind] >= 0.25, (kind, final)
+    assert trace.at(started - 1) == dict.fromkeys(KINDS, 0.0)  # before any sample
+    totals = [sum(t.values()) for _, t in trace.samples]
+    assert totals == sorted(totals)  # a process that ended keeps its last figure
+
+
+def test_an_ended_process_has_no_cpu_figure():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert cpu_seconds(proc.pid) is None
