@@ -32,8 +32,10 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def kind_of(pid: int, root: int) -> str:
-    """``root`` itself ("process"), a Ray worker process ("workers": ``ray::...`` once it
-    runs tasks, ``default_worker.py`` while it starts), or another of Ray's ("ray")."""
+    """``root`` itself ("process"), a Ray worker process ("workers": ``ray::IDLE`` or
+    ``ray::<actor or task>`` once started, ``default_worker.py`` while it starts), or
+    another of Ray's ("ray": GCS, raylet, dashboard, monitors, and its agents, which
+    are also named ``ray::...Agent``)."""
     if pid == root:
         return "process"
     try:
@@ -41,7 +43,10 @@ def kind_of(pid: int, root: int) -> str:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "ray"
-    return "workers" if cmd.startswith("ray::") or "default_worker.py" in cmd else "ray"
+    if "default_worker.py" in cmd:
+        return "workers"
+    name = cmd.split(" ", 1)[0]
+    return "workers" if name.startswith("ray::") and not name.endswith("Agent") else "ray"
 
 
 class CPUTrace:

@@ -14,14 +14,16 @@ from fedkd.cpu_usage import KINDS, CPUTrace, cpu_seconds
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
 
 # the root burns CPU, then starts a "worker" (argv[0] ray::Fake, as Ray names them) and
-# another child, each burning CPU and then waiting, so the trace sees their last figure
+# an "agent" (ray::FakeAgent, as Ray names its services' agents), each burning CPU and
+# then waiting, so the trace sees their last figure
 ROOT = f"""
 import subprocess, sys, time
 {BURN}
 burn = {BURN!r} + "time.sleep(0.6)"
+named = 'exec -a "$2" "$0" -c "$1"'
 kids = [
-    subprocess.Popen(["bash", "-c", 'exec -a "ray::Fake" "$0" -c "$1"', sys.executable, burn]),
-    subprocess.Popen([sys.executable, "-c", burn]),
+    subprocess.Popen(["bash", "-c", named, sys.executable, burn, "ray::Fake"]),
+    subprocess.Popen(["bash", "-c", named, sys.executable, burn, "ray::FakeAgent"]),
 ]
 for k in kids:
     k.wait()
