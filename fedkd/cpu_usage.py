@@ -9,11 +9,9 @@ bounds it from below: on ``n`` cores it cannot take less than its CPU-seconds ov
 from __future__ import annotations
 
 import os
-import threading
 import time
-from types import TracebackType
 
-from fedkd.memory import process_tree
+from fedkd.memory import TreeSampler
 
 #: the kinds a process of the tree is counted under, in the order they are printed
 KINDS = ("process", "workers", "ray")
@@ -49,7 +47,7 @@ def kind_of(pid: int, root: int) -> str:
     return "workers" if name.startswith("ray::") and not name.endswith("Agent") else "ray"
 
 
-class CPUTrace:
+class CPUTrace(TreeSampler):
     """Samples the CPU seconds of ``pid``'s process tree every ``interval`` seconds while
     active (a ``with`` block). A process that ends keeps the last figure it was seen
     with, so the totals only grow; they are lower bounds by at most one interval.
@@ -58,14 +56,13 @@ class CPUTrace:
     sample taken at or before a given time."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.pid, self.interval = pid, interval
+        super().__init__(pid, interval)
         self.samples: list[tuple[float, dict[str, float]]] = []
         self._seen: dict[int, tuple[str, float]] = {}  # pid -> (kind, cpu seconds)
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def _totals(self) -> dict[str, float]:
-        for p in process_tree(self.pid):
+    def sample(self, pids: list[int]) -> None:
+        now = time.time()
+        for p in pids:
             cpu = cpu_seconds(p)
             if cpu is None:
                 continue
@@ -76,30 +73,10 @@ class CPUTrace:
         totals = dict.fromkeys(KINDS, 0.0)
         for kind, cpu in self._seen.values():
             totals[kind] += cpu
-        return totals
-
-    def _sample(self) -> None:
-        while True:
-            now = time.time()
-            self.samples.append((now, self._totals()))
-            if self._done.wait(self.interval):
-                break
+        self.samples.append((now, totals))
 
     def at(self, when: float) -> dict[str, float]:
         """CPU seconds by kind at the last sample taken at or before ``when`` (zeros if
         none was)."""
         before = [totals for t, totals in self.samples if t <= when]
         return dict(before[-1]) if before else dict.fromkeys(KINDS, 0.0)
-
-    def __enter__(self) -> CPUTrace:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        err: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._done.set()
-        self._thread.join()

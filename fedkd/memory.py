@@ -7,6 +7,10 @@ from __future__ import annotations
 import os
 import threading
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Self  # (3.11; type checkers only)
 
 
 def _children() -> dict[int, list[int]]:
@@ -46,29 +50,26 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
-class PeakPSS:
-    """Samples the PSS of ``pid``'s process tree every ``interval`` seconds while active
-    (a ``with`` block); ``peak_mb`` and ``processes`` (at the peak) after it."""
+class TreeSampler:
+    """Calls :meth:`sample` on ``pid``'s process tree every ``interval`` seconds, in a
+    thread, while active (a ``with`` block), and once more as the block ends."""
 
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
+    def __init__(self, pid: int, interval: float) -> None:
         self.pid, self.interval = pid, interval
-        self.peak_kb, self.processes = 0, 0
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    @property
-    def peak_mb(self) -> float:
-        return round(self.peak_kb / 1024, 1)
+    def sample(self, pids: list[int]) -> None:
+        """Take one sample of the processes ``pids`` (the tree now)."""
+        raise NotImplementedError
 
-    def _sample(self) -> None:
-        while not self._done.is_set():
-            pids = process_tree(self.pid)
-            total = sum(pss_kb(p) for p in pids)
-            if total > self.peak_kb:
-                self.peak_kb, self.processes = total, len(pids)
-            self._done.wait(self.interval)
+    def _run(self) -> None:
+        while True:
+            self.sample(process_tree(self.pid))
+            if self._done.wait(self.interval):
+                break
 
-    def __enter__(self) -> PeakPSS:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -80,3 +81,21 @@ class PeakPSS:
     ) -> None:
         self._done.set()
         self._thread.join()
+
+
+class PeakPSS(TreeSampler):
+    """Samples the PSS of ``pid``'s process tree every ``interval`` seconds while active
+    (a ``with`` block); ``peak_mb`` and ``processes`` (at the peak) after it."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        super().__init__(pid, interval)
+        self.peak_kb, self.processes = 0, 0
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak_kb / 1024, 1)
+
+    def sample(self, pids: list[int]) -> None:
+        total = sum(pss_kb(p) for p in pids)
+        if total > self.peak_kb:
+            self.peak_kb, self.processes = total, len(pids)
