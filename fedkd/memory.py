@@ -52,7 +52,7 @@ def pss_kb(pid: int) -> int:
 
 class TreeSampler:
     """Calls :meth:`sample` on ``pid``'s process tree every ``interval`` seconds, in a
-    thread, while active (a ``with`` block), and once more as the block ends."""
+    thread, while active (a ``with`` block), starting as the block starts."""
 
     def __init__(self, pid: int, interval: float) -> None:
         self.pid, self.interval = pid, interval
