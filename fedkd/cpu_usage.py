@@ -19,38 +19,51 @@ KINDS = ("process", "workers", "ray")
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU seconds ``pid`` has used so far (None if it has ended)."""
+def _stat(pid: int) -> tuple[float, int] | None:
+    """``pid``'s user plus system CPU seconds so far, and its start time (clock ticks
+    after boot: with the pid, it names the process even once the pid is reused); None
+    if it has ended."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[19])
+    except (OSError, IndexError, ValueError):
         return None
-    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds ``pid`` has used so far (None if it has ended)."""
+    stat = _stat(pid)
+    return None if stat is None else stat[0]
 
 
 def kind_of(pid: int, root: int) -> str:
-    """``root`` itself ("process"), a Ray worker process ("workers": ``ray::IDLE`` or
-    ``ray::<actor or task>`` once started, ``default_worker.py`` while it starts), or
-    another of Ray's ("ray": GCS, raylet, dashboard, monitors, and its agents, which
-    are also named ``ray::...Agent``)."""
+    """``root`` itself ("process"), a Ray worker process ("workers": named ``ray::IDLE``
+    or ``ray::<actor or task>`` once started, running ``default_worker.py`` while it
+    starts), or another of Ray's ("ray": GCS, raylet, dashboard, monitors, and its
+    agents, which are named ``ray::...Agent``). The program is what counts: the
+    raylet's own arguments name ``default_worker.py`` too."""
     if pid == root:
         return "process"
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            args = [a.decode(errors="replace").strip() for a in f.read().split(b"\0")]
     except OSError:
         return "ray"
-    if "default_worker.py" in cmd:
-        return "workers"
-    name = cmd.split(" ", 1)[0]
-    return "workers" if name.startswith("ray::") and not name.endswith("Agent") else "ray"
+    name = args[0] if args else ""
+    if name.startswith("ray::"):
+        return "ray" if name.split()[0].endswith("Agent") else "workers"
+    # python [-u] .../default_worker.py ...: a worker before it names itself
+    program = next((a for a in args[1:3] if not a.startswith("-")), "")
+    return "workers" if os.path.basename(program) == "default_worker.py" else "ray"
 
 
 class CPUTrace(TreeSampler):
     """Samples the CPU seconds of ``pid``'s process tree every ``interval`` seconds while
     active (a ``with`` block). A process that ends keeps the last figure it was seen
-    with, so the totals only grow; they are lower bounds by at most one interval.
+    with, so the totals only grow. They are lower bounds: what a process uses after
+    its last sample, and a process that starts and ends between two samples, are not
+    counted.
 
     After it, :meth:`at` gives the CPU seconds by kind (:data:`KINDS`) at the last
     sample taken at or before a given time."""
@@ -58,22 +71,24 @@ class CPUTrace(TreeSampler):
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         super().__init__(pid, interval)
         self.samples: list[tuple[float, dict[str, float]]] = []
-        self._seen: dict[int, tuple[str, float]] = {}  # pid -> (kind, cpu seconds)
+        # (pid, start time) -> (kind, cpu seconds): a reused pid is another process
+        self._seen: dict[tuple[int, int], tuple[str, float]] = {}
 
     def sample(self, pids: list[int]) -> None:
-        now = time.time()
         for p in pids:
-            cpu = cpu_seconds(p)
-            if cpu is None:
+            stat = _stat(p)
+            if stat is None:
                 continue
-            known = self._seen.get(p, ("ray", 0.0))[0]
-            # "ray" is asked again: a process just forked shows its command line later
+            cpu, started = stat
+            known = self._seen.get((p, started), ("ray", 0.0))[0]
+            # "ray" is asked again: a process just forked shows its parent's command
+            # line until it runs its own program
             kind = known if known != "ray" else kind_of(p, self.pid)
-            self._seen[p] = (kind, cpu)
+            self._seen[(p, started)] = (kind, cpu)
         totals = dict.fromkeys(KINDS, 0.0)
         for kind, cpu in self._seen.values():
             totals[kind] += cpu
-        self.samples.append((now, totals))
+        self.samples.append((time.time(), totals))  # (taken after the reads: a lower bound)
 
     def at(self, when: float) -> dict[str, float]:
         """CPU seconds by kind at the last sample taken at or before ``when`` (zeros if

@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from typing import Self  # (3.11; type checkers only)
+    from typing_extensions import Self  # (type checkers only; typing.Self is 3.11+)
 
 
 def _children() -> dict[int, list[int]]:

@@ -98,6 +98,12 @@ def test_the_scaling_mode_owns_how_fedkd_runs_its_clients(override):
     refuse_variant_overrides(["simulation.threads=2", "simulation.num_cpus=1"])  # others pass
 
 
+def test_the_sweep_mode_keeps_no_figures_file_and_says_so(capsys):
+    with pytest.raises(SystemExit):
+        main(["--sweep", "--out", "somewhere"])
+    assert "--out is for the plain comparison and --scaling" in capsys.readouterr().err
+
+
 def test_variants_are_chosen_by_name_and_only_for_the_scaling_mode(capsys):
     with pytest.raises(SystemExit):
         main(["--scaling", "--variants", "per-client,bogus"])
@@ -233,7 +239,7 @@ def test_the_report_shows_the_start_ups_cpu_seconds_their_floor_and_each_pairs_r
     assert "the run's own process 4.50" in lines
     assert "Ray's worker processes 9.00" in lines
     assert "Ray's own services (GCS, raylet, ...) 2.50" in lines
-    assert "start-up floor: those over the 2 cores 8.00 1.25" in lines
+    assert "start-up floor: those over the 2 cores 8.00" in lines  # (plain: one core)
     # the median round over all of a side's rounds (1.0 against 4.5), and each pair's
     assert "median seconds per round 1.00 4.50 0.22" in lines
     assert "ratio in each interleaved pair: 0.50, 0.20" in lines

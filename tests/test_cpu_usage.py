@@ -50,3 +50,40 @@ def test_an_ended_process_has_no_cpu_figure():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     assert cpu_seconds(proc.pid) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_program_not_its_arguments_makes_a_worker(tmp_path):
+    from fedkd.cpu_usage import kind_of
+
+    script = tmp_path / "default_worker.py"
+    script.write_text("import time\ntime.sleep(30)\n")
+    sleep = "import time; time.sleep(30)"
+    named = 'exec -a "$1" "$0" -c "$2" "$3"'
+    procs = {
+        # a worker before it names itself: python -u .../default_worker.py
+        "workers": [sys.executable, "-u", str(script)],
+        "ray::IDLE": ["bash", "-c", named, sys.executable, "ray::IDLE", sleep, "x"],
+        # the raylet names the worker program among its arguments
+        "raylet": [
+            "bash",
+            "-c",
+            named,
+            sys.executable,
+            "raylet",
+            sleep,
+            f"--python_worker_command={sys.executable} {script}",
+        ],  # fmt: skip
+        "agent": ["bash", "-c", named, sys.executable, "ray::DashboardAgent", sleep, "x"],
+    }
+    expected = {"workers": "workers", "ray::IDLE": "workers", "raylet": "ray", "agent": "ray"}
+    started = {k: subprocess.Popen(cmd) for k, cmd in procs.items()}
+    try:
+        time.sleep(1.0)  # each has run its own program by then
+        got = {k: kind_of(p.pid, root=-1) for k, p in started.items()}
+        assert got == expected
+        assert kind_of(started["raylet"].pid, root=started["raylet"].pid) == "process"
+    finally:
+        for p in started.values():
+            p.kill()
+            p.wait()
