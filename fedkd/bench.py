@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +232,9 @@ def _fedkd_side(overrides: list[str]) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "fedkd.cli", "run", "-q", *overrides]
         cmd += ["baseline=false", f"output_dir={tmp}"]
         spawned = time.time()
-        peak, cpu = _run_measured(cmd)
+        # the CPU is counted up to round 1 only: stop sampling once it has ended, not
+        # to take time from the rounds being timed
+        peak, cpu = _run_measured(cmd, until=lambda: any(Path(tmp).glob("*/metrics.jsonl")))
         (run_dir,) = Path(tmp).iterdir()
         summary = read_summary(run_dir)
         rounds = read_rounds(run_dir / "metrics.jsonl")
@@ -248,13 +251,15 @@ def _fedkd_side(overrides: list[str]) -> dict[str, Any]:
     }
 
 
-def _run_measured(cmd: list[str], stdout: Any = None) -> tuple[float, CPUTrace]:
+def _run_measured(
+    cmd: list[str], stdout: Any = None, until: Callable[[], bool] | None = None
+) -> tuple[float, CPUTrace]:
     """Run ``cmd`` (it must succeed); the peak PSS of it and its processes, in MB, and
-    their CPU time as it grew."""
+    their CPU time as it grew (sampled until ``until`` returns true)."""
     from fedkd.memory import PeakPSS
 
     proc = subprocess.Popen(cmd, stdout=stdout, text=True)
-    with PeakPSS(proc.pid) as peak, CPUTrace(proc.pid) as cpu:
+    with PeakPSS(proc.pid) as peak, CPUTrace(proc.pid, until=until) as cpu:
         proc.wait()
     if proc.returncode:
         raise subprocess.CalledProcessError(proc.returncode, cmd)

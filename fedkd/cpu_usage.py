@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
-from fedkd.memory import TreeSampler
+from fedkd.memory import TreeSampler, stat_fields
 
 #: the kinds a process of the tree is counted under, in the order they are printed
 KINDS = ("process", "workers", "ray")
@@ -23,11 +24,10 @@ def _stat(pid: int) -> tuple[float, int] | None:
     """``pid``'s user plus system CPU seconds so far, and its start time (clock ticks
     after boot: with the pid, it names the process even once the pid is reused); None
     if it has ended."""
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[19])
-    except (OSError, IndexError, ValueError):
+        return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[19])  # type: ignore[index]
+    except (TypeError, IndexError, ValueError):  # (None: it has ended)
         return None
 
 
@@ -66,10 +66,13 @@ class CPUTrace(TreeSampler):
     counted.
 
     After it, :meth:`at` gives the CPU seconds by kind (:data:`KINDS`) at the last
-    sample taken at or before a given time."""
+    sample taken at or before a given time. ``until``: stop sampling once it returns
+    true (e.g. once the start-up being measured is over)."""
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        super().__init__(pid, interval)
+    def __init__(
+        self, pid: int, interval: float = 0.1, until: Callable[[], bool] | None = None
+    ) -> None:
+        super().__init__(pid, interval, until)
         self.samples: list[tuple[float, dict[str, float]]] = []
         # (pid, start time) -> (kind, cpu seconds): a reused pid is another process
         self._seen: dict[tuple[int, int], tuple[str, float]] = {}

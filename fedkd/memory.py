@@ -6,11 +6,23 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # (type checkers only; typing.Self is 3.11+)
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (which may hold spaces
+    and parentheses): index 0 is the state, 1 the parent id (``man 5 proc``, field 3
+    on); None if the process has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def _children() -> dict[int, list[int]]:
@@ -19,12 +31,10 @@ def _children() -> dict[int, list[int]]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+        fields = stat_fields(int(entry))
+        if fields is None:
             continue  # the process ended meanwhile
-        kids.setdefault(ppid, []).append(int(entry))
+        kids.setdefault(int(fields[1]), []).append(int(entry))
     return kids
 
 
@@ -52,10 +62,11 @@ def pss_kb(pid: int) -> int:
 
 class TreeSampler:
     """Calls :meth:`sample` on ``pid``'s process tree every ``interval`` seconds, in a
-    thread, while active (a ``with`` block), starting as the block starts."""
+    thread, while active (a ``with`` block), starting as the block starts; with
+    ``until``, no more once it returns true (checked after each sample)."""
 
-    def __init__(self, pid: int, interval: float) -> None:
-        self.pid, self.interval = pid, interval
+    def __init__(self, pid: int, interval: float, until: Callable[[], bool] | None = None) -> None:
+        self.pid, self.interval, self.until = pid, interval, until
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -66,6 +77,8 @@ class TreeSampler:
     def _run(self) -> None:
         while True:
             self.sample(process_tree(self.pid))
+            if self.until is not None and self.until():
+                break
             if self._done.wait(self.interval):
                 break
 

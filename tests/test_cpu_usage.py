@@ -73,7 +73,7 @@ def test_the_program_not_its_arguments_makes_a_worker(tmp_path):
             "raylet",
             sleep,
             f"--python_worker_command={sys.executable} {script}",
-        ],  # fmt: skip
+        ],
         "agent": ["bash", "-c", named, sys.executable, "ray::DashboardAgent", sleep, "x"],
     }
     expected = {"workers": "workers", "ray::IDLE": "workers", "raylet": "ray", "agent": "ray"}
@@ -87,3 +87,12 @@ def test_the_program_not_its_arguments_makes_a_worker(tmp_path):
         for p in started.values():
             p.kill()
             p.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_it_stops_sampling_once_until_says_so():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.6)"])
+    asked = []
+    with CPUTrace(proc.pid, interval=0.05, until=lambda: asked.append(1) or len(asked) >= 2):
+        proc.wait()
+    assert len(asked) == 2  # asked after each sample, and no sample after it said yes
